@@ -1,0 +1,1 @@
+"""Checkpoint formats: HF Llama import, TP shard layout."""

@@ -1,0 +1,177 @@
+"""Load a Hugging Face Llama directory (safetensors) into LlamaFusion's text tower.
+
+Streams tensor by tensor through ``safetensors.safe_open`` and reads only the
+rows/columns of this TP rank, so memory stays near one tensor slice. Nothing is
+unpickled: ``*.bin`` (pickle) checkpoints are refused with a message saying how
+to convert them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+
+from megafusion.checkpoint.tp_layout import column_shard, gate_up_shard, qkv_shard, row_shard, vocab_shard
+from megafusion.config.schema import ImageConfig, ModelConfig, RopeScalingConfig
+
+LLAMA3_VOCAB = 128256
+
+
+class HFCheckpointError(ValueError):
+    """The HF directory is missing something or does not describe a Llama we can load."""
+
+
+def read_hf_config(path: str | Path) -> dict:
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise HFCheckpointError(f"{cfg_path} not found: not a Hugging Face model directory")
+    return json.loads(cfg_path.read_text())
+
+
+def model_config_from_hf(hf: dict, image: Optional[ImageConfig] = None, **overrides: Any) -> ModelConfig:
+    """ModelConfig from a HF LlamaConfig dict (either the v4 ``rope_scaling`` or v5 ``rope_parameters`` form).
+
+    <BOI>/<EOI> default to Llama-3's <|reserved_special_token_0/1|> (128002/128003)
+    when the vocabulary is Llama-3's, else to the last two ids of the vocabulary.
+    """
+    if hf.get("model_type") not in (None, "llama"):
+        raise HFCheckpointError(f"config.json model_type={hf.get('model_type')!r}; only 'llama' is supported")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise HFCheckpointError(f"config.json {key}=true is not supported (Llama has no biases)")
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise HFCheckpointError(
+            f"config.json head_dim={head_dim} x num_attention_heads={heads} != hidden_size={hidden}"
+        )
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    if rtype in ("default", None):
+        scaling = RopeScalingConfig(rope_type="none")
+    elif rtype == "llama3":
+        scaling = RopeScalingConfig(
+            rope_type="llama3", factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )
+    else:
+        raise HFCheckpointError(f"config.json rope_type={rtype!r}; supported: default, llama3")
+    vocab = hf["vocab_size"]
+    boi, eoi = (128002, 128003) if vocab >= LLAMA3_VOCAB else (vocab - 2, vocab - 1)
+    kw: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=hidden, num_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=float(theta), rope_scaling=scaling,
+        max_position_embeddings=hf.get("max_position_embeddings", 8192),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), boi_token_id=boi, eoi_token_id=eoi,
+    )
+    if image is not None:
+        kw["image"] = image
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+class SafetensorsDir:
+    """Tensor-by-tensor reader over ``model.safetensors`` or a sharded ``*.index.json`` directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.is_file():
+            self.weight_map = json.loads(index.read_text())["weight_map"]
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.weight_map = {k: single.name for k in f.keys()}
+        else:
+            if list(self.path.glob("*.bin")):
+                raise HFCheckpointError(
+                    f"{self.path} holds pickle (*.bin) weights, which megafusion does not unpickle; "
+                    "re-save them with save_pretrained(..., safe_serialization=True)"
+                )
+            raise HFCheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        self._handles: dict[str, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def slice(self, name: str):
+        if name not in self.weight_map:
+            raise HFCheckpointError(f"{self.path}: tensor {name!r} not found in the checkpoint")
+        fname = self.weight_map[name]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(self.path / fname, framework="pt")
+        return self._handles[fname].get_slice(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        s = self.slice(name)
+        return s[:]
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.slice(name)[start:stop]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.slice(name).get_shape())
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise HFCheckpointError(f"{what}: checkpoint shard shape {tuple(src.shape)} != model shape {tuple(dst.shape)}")
+    dst.copy_(src.to(dtype=dst.dtype, device=dst.device))
+
+
+@torch.no_grad()
+def load_hf_llama(model, path: str | Path) -> None:
+    """Copy this rank's shards of the HF Llama weights into ``model``'s text tower (any TP, any stage)."""
+    r = SafetensorsDir(path)
+    cfg, tp, rank = model.cfg, model.pctx.tp_size, model.pctx.tp_rank
+    head_rows = cfg.head_dim
+    q_rows, kv_rows = cfg.num_attention_heads * head_rows, cfg.num_kv_heads * head_rows
+    n_layers_hf = sum(1 for k in r.weight_map if k.endswith("self_attn.q_proj.weight"))
+    if n_layers_hf != cfg.num_layers:
+        raise HFCheckpointError(f"{path}: checkpoint has {n_layers_hf} layers, model.num_layers={cfg.num_layers}")
+
+    def col_rows(name: str, full: int) -> torch.Tensor:
+        a = rank * (full // tp)
+        return r.rows(name, a, a + full // tp)
+
+    if model.pre_process:
+        emb = r.get("model.embed_tokens.weight")
+        _copy(model.embedding.weight, vocab_shard(emb, model.padded_vocab, tp, rank), "model.embed_tokens.weight")
+        _copy(model.special_embedding, emb[[cfg.boi_token_id, cfg.eoi_token_id]], "<BOI>/<EOI> embedding rows")
+        del emb
+    for key, layer in model.layers.items():
+        p = f"model.layers.{key}."
+        qkv = torch.cat([
+            col_rows(p + "self_attn.q_proj.weight", q_rows),
+            col_rows(p + "self_attn.k_proj.weight", kv_rows),
+            col_rows(p + "self_attn.v_proj.weight", kv_rows),
+        ], 0)
+        _copy(layer.qkv.text.weight, qkv, p + "self_attn.{q,k,v}_proj.weight")
+        _copy(layer.qkv.norm.text, r.get(p + "input_layernorm.weight"), p + "input_layernorm.weight")
+        _copy(layer.o.text.weight, row_shard(r.get(p + "self_attn.o_proj.weight"), tp, rank), p + "self_attn.o_proj.weight")
+        gu = torch.cat([
+            col_rows(p + "mlp.gate_proj.weight", cfg.ffn_hidden_size),
+            col_rows(p + "mlp.up_proj.weight", cfg.ffn_hidden_size),
+        ], 0)
+        _copy(layer.gate_up.text.weight, gu, p + "mlp.{gate,up}_proj.weight")
+        _copy(layer.gate_up.norm.text, r.get(p + "post_attention_layernorm.weight"), p + "post_attention_layernorm.weight")
+        _copy(layer.down.text.weight, row_shard(r.get(p + "mlp.down_proj.weight"), tp, rank), p + "mlp.down_proj.weight")
+    if model.post_process:
+        _copy(model.final_norm.weight, r.get("model.norm.weight"), "model.norm.weight")
+        head_name = "lm_head.weight" if "lm_head.weight" in r else "model.embed_tokens.weight"
+        if head_name != "lm_head.weight" and not cfg.tie_word_embeddings:
+            raise HFCheckpointError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
+        _copy(model.lm_head.weight, vocab_shard(r.get(head_name), model.padded_vocab, tp, rank), head_name)
+
+
+__all__ = [
+    "HFCheckpointError", "SafetensorsDir", "column_shard", "gate_up_shard", "load_hf_llama",
+    "model_config_from_hf", "qkv_shard", "read_hf_config",
+]

@@ -1,0 +1,164 @@
+"""Cross-field checks run before anything is built or spawned.
+
+Each rule yields one line naming the key(s) and the values at fault; all
+failing rules are reported together so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megafusion.config.loader import ConfigError
+from megafusion.config.schema import Config
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
+    """Every violated rule as a one-line message (empty list = valid)."""
+    m, p, img = cfg.model, cfg.parallel, cfg.model.image
+    errs: list[str] = []
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+
+    for key, val in (("parallel.tensor_parallel", tp), ("parallel.pipeline_parallel", pp)):
+        if val < 1:
+            errs.append(f"{key}={val} must be >= 1")
+    for key, val in (
+        ("model.hidden_size", m.hidden_size),
+        ("model.num_layers", m.num_layers),
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.num_kv_heads", m.num_kv_heads),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        ("model.vocab_size", m.vocab_size),
+    ):
+        if val < 1:
+            errs.append(f"{key}={val} must be >= 1")
+    if errs:
+        return errs
+
+    if m.hidden_size % m.num_attention_heads:
+        errs.append(
+            f"model.hidden_size={m.hidden_size} is not divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_attention_heads % m.num_kv_heads:
+        errs.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"model.num_kv_heads={m.num_kv_heads} (GQA groups must be whole)"
+        )
+    if m.num_attention_heads % tp:
+        errs.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor_parallel={tp}"
+        )
+    if m.num_kv_heads % tp:
+        errs.append(
+            f"model.num_kv_heads={m.num_kv_heads} is not divisible by parallel.tensor_parallel={tp}"
+        )
+    if m.ffn_hidden_size % tp:
+        errs.append(
+            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
+            f"parallel.tensor_parallel={tp}"
+        )
+    vpp = p.virtual_pipeline_stages
+    if vpp is not None and vpp < 1:
+        errs.append(f"parallel.virtual_pipeline_stages={vpp} must be >= 1 or null")
+    chunks = pp * (vpp or 1)
+    if m.num_layers % chunks:
+        if vpp:
+            errs.append(
+                f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel"
+                f"={pp} x parallel.virtual_pipeline_stages={vpp} = {chunks}"
+            )
+        else:
+            errs.append(
+                f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel={pp}"
+            )
+    if vpp and vpp > 1 and pp < 2:
+        errs.append(
+            f"parallel.virtual_pipeline_stages={vpp} needs parallel.pipeline_parallel >= 2 (got {pp})"
+        )
+    if world_size is not None:
+        dp = p.data_parallel
+        if dp == -1:
+            if world_size % (tp * pp):
+                errs.append(
+                    f"world size {world_size} is not divisible by parallel.tensor_parallel={tp} "
+                    f"x parallel.pipeline_parallel={pp}"
+                )
+        elif tp * pp * dp != world_size:
+            errs.append(
+                f"world size {world_size} != parallel.tensor_parallel={tp} x "
+                f"parallel.pipeline_parallel={pp} x parallel.data_parallel={dp} = {tp * pp * dp}"
+            )
+    elif p.data_parallel < 1 and p.data_parallel != -1:
+        errs.append(f"parallel.data_parallel={p.data_parallel} must be >= 1 or -1 (derived)")
+
+    if p.zero_stage not in (0, 1, 2):
+        errs.append(f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2")
+    elif p.zero_stage == 2 and pp > 1:
+        errs.append(
+            f"parallel.zero_stage=2 is not supported with parallel.pipeline_parallel={pp} "
+            "(gradients must live across micro-batches); use zero_stage=1"
+        )
+    if p.sequence_parallel and tp > 1 and cfg.data.seq_length % tp:
+        errs.append(
+            f"data.seq_length={cfg.data.seq_length} is not divisible by "
+            f"parallel.tensor_parallel={tp} (needed by parallel.sequence_parallel=true)"
+        )
+
+    # image geometry
+    if img.io not in ("unet", "linear"):
+        errs.append(f"model.image.io={img.io!r} must be 'unet' or 'linear'")
+    factor = img.vae_downsample * img.patch_size
+    if img.vae_downsample < 1 or img.patch_size < 1:
+        errs.append(
+            f"model.image.vae_downsample={img.vae_downsample} and model.image.patch_size="
+            f"{img.patch_size} must be >= 1"
+        )
+    elif img.image_size % factor:
+        errs.append(
+            f"model.image.image_size={img.image_size} is not divisible by model.image.vae_downsample"
+            f"={img.vae_downsample} x model.image.patch_size={img.patch_size} = {factor}"
+        )
+    if img.io == "unet" and not _is_pow2(img.patch_size):
+        errs.append(
+            f"model.image.patch_size={img.patch_size} must be a power of two with model.image.io=unet "
+            "(each U-Net block halves the resolution)"
+        )
+    if img.io == "unet" and img.unet_channels % 8:
+        errs.append(f"model.image.unet_channels={img.unet_channels} must be a multiple of 8 (GroupNorm)")
+    if img.timestep_embed_dim % 2:
+        errs.append(f"model.image.timestep_embed_dim={img.timestep_embed_dim} must be even")
+
+    # enums / token ids
+    if m.attention_backend not in ("auto", "sdpa", "flex"):
+        errs.append(f"model.attention_backend={m.attention_backend!r} must be auto, sdpa or flex")
+    if m.params_dtype not in ("auto", "float32", "bfloat16"):
+        errs.append(f"model.params_dtype={m.params_dtype!r} must be auto, float32 or bfloat16")
+    if m.rope_scaling.rope_type not in ("none", "llama3"):
+        errs.append(f"model.rope_scaling.rope_type={m.rope_scaling.rope_type!r} must be none or llama3")
+    for key, tok in (("model.boi_token_id", m.boi_token_id), ("model.eoi_token_id", m.eoi_token_id)):
+        if not 0 <= tok < m.vocab_size:
+            errs.append(f"{key}={tok} is outside the vocabulary [0, model.vocab_size={m.vocab_size})")
+    if m.boi_token_id == m.eoi_token_id:
+        errs.append(f"model.boi_token_id and model.eoi_token_id are both {m.boi_token_id}")
+    if cfg.diffusion.schedule != "cosine":
+        errs.append(f"diffusion.schedule={cfg.diffusion.schedule!r}: only 'cosine' is implemented")
+    if cfg.diffusion.prediction != "epsilon":
+        errs.append(f"diffusion.prediction={cfg.diffusion.prediction!r}: only 'epsilon' is implemented")
+    if not 0.0 <= cfg.diffusion.caption_dropout < 1.0:
+        errs.append(f"diffusion.caption_dropout={cfg.diffusion.caption_dropout} must be in [0, 1)")
+    if not 0.0 <= cfg.data.caption_first_prob <= 1.0:
+        errs.append(f"data.caption_first_prob={cfg.data.caption_first_prob} must be in [0, 1]")
+    return errs
+
+
+def validate_config(cfg: Config, world_size: Optional[int] = None) -> Config:
+    """Raise :class:`ConfigError` listing every problem, or return ``cfg`` unchanged."""
+    errs = config_problems(cfg, world_size)
+    if errs:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errs))
+    return cfg

@@ -1,0 +1,83 @@
+"""The packed multimodal micro-batch the model consumes (and the data loader produces)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class FusionBatch:
+    """One micro-batch of packed sequences.
+
+    Image tokens are laid out contiguously in raster order, and images are
+    numbered in order of appearance (row by row, then position), which is the
+    order of ``latents``.
+    """
+
+    input_ids: torch.Tensor
+    """[b, s] token ids; the value at image positions is ignored."""
+    image_ids: torch.Tensor
+    """[b, s] -1 for text tokens, else the index in ``latents`` of the image this token belongs to."""
+    position_ids: Optional[torch.Tensor] = None
+    """[b, s] RoPE positions (restart at 0 in each packed document); default 0..s-1."""
+    document_ids: Optional[torch.Tensor] = None
+    """[b, s] packed-document id; no attention across documents; default one document per row."""
+    latents: Optional[torch.Tensor] = None
+    """[n_img, C, H, W] noisy VAE latents x_t (clean latents with t=0 for understanding)."""
+    timesteps: Optional[torch.Tensor] = None
+    """[n_img] diffusion timestep of each image."""
+    labels: Optional[torch.Tensor] = None
+    """[b, s] next-token target of each position (any value where loss_mask is 0)."""
+    loss_mask: Optional[torch.Tensor] = None
+    """[b, s] 1.0 where the LM loss counts (text positions only; not on the token predicting <BOI>)."""
+
+    @staticmethod
+    def text_only(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> "FusionBatch":
+        return FusionBatch(input_ids=input_ids, image_ids=torch.full_like(input_ids, -1), labels=labels)
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.latents is None else int(self.latents.shape[0])
+
+    def with_defaults(self) -> "FusionBatch":
+        b, s = self.input_ids.shape
+        dev = self.input_ids.device
+        pos = self.position_ids if self.position_ids is not None else torch.arange(s, device=dev).expand(b, s)
+        doc = self.document_ids if self.document_ids is not None else torch.zeros(b, s, dtype=torch.long, device=dev)
+        return replace(self, position_ids=pos, document_ids=doc)
+
+    def to(self, device: torch.device | str) -> "FusionBatch":
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return FusionBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+
+    def check(self, tokens_per_image: int, latent_shape: tuple[int, int, int]) -> None:
+        """Raise ValueError naming the field at fault if the batch is inconsistent."""
+        b, s = self.input_ids.shape
+        for name in ("image_ids", "position_ids", "document_ids", "labels", "loss_mask"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (b, s):
+                raise ValueError(f"FusionBatch.{name} has shape {tuple(t.shape)}, expected {(b, s)} like input_ids")
+        order = self.image_ids[self.image_ids >= 0]  # row-major order of appearance
+        n_img = self.num_images
+        if order.numel() == 0:
+            if n_img:
+                raise ValueError(f"FusionBatch.latents holds {n_img} images but image_ids marks no image token")
+            return
+        if self.latents is None or self.timesteps is None:
+            raise ValueError("FusionBatch.image_ids marks image tokens but latents/timesteps are missing")
+        if tuple(self.latents.shape[1:]) != tuple(latent_shape):
+            raise ValueError(
+                f"FusionBatch.latents has per-image shape {tuple(self.latents.shape[1:])}, "
+                f"the model expects {tuple(latent_shape)} (model.image.latent_channels/image_size/vae_downsample)"
+            )
+        if tuple(self.timesteps.shape) != (n_img,):
+            raise ValueError(f"FusionBatch.timesteps has shape {tuple(self.timesteps.shape)}, expected ({n_img},)")
+        expected = torch.arange(n_img, device=order.device).repeat_interleave(tokens_per_image)
+        if order.numel() != expected.numel() or not torch.equal(order, expected):
+            raise ValueError(
+                f"FusionBatch.image_ids must give each of the {n_img} images exactly {tokens_per_image} "
+                f"tokens, images numbered 0..{n_img - 1} in order of appearance; got {order.numel()} image tokens"
+            )

@@ -1,0 +1,344 @@
+"""LlamaFusion: a frozen Llama text tower beside a trainable image tower, sharing attention.
+
+The module is pipeline-stage friendly: ``pre_process`` owns the text embedding,
+the <BOI>/<EOI> embeddings and the image down-sampler; ``post_process`` owns the
+final norm, the LM head and the image up-sampler; ``layer_ids`` picks which
+transformer layers this stage holds (a ``ModuleDict`` keyed by global index).
+The residual stream between stages is [s_local, b, h] (megatron-core layout).
+
+Text enters through the frozen Llama embedding and leaves through the frozen LM
+head. <BOI>/<EOI> (Llama-3 reserved special tokens) use a separate trainable
+2-row embedding initialised from the Llama rows, because the base model never
+trained those rows and the text table stays frozen; their LM-head rows stay
+frozen (no loss is taken on <BOI>).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+
+from megafusion.config.schema import ModelConfig
+from megafusion.model.attention_core import AttentionMask
+from megafusion.model.batch import FusionBatch
+from megafusion.model.image_io import build_image_in, build_image_out
+from megafusion.model.layer import FusionLayer, LayerInputs
+from megafusion.model.norm import RMSNorm
+from megafusion.model.rope import rope_cos_sin, rope_inv_freq
+from megafusion.model.routing import Route, Routes
+from megafusion.parallel.megatron_config import (
+    megatron_transformer_config,
+    padded_vocab_size,
+    resolve_params_dtype,
+)
+from megafusion.parallel.process_groups import ParallelContext, init_model_parallel
+from megafusion.parallel.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear
+
+
+def _no_init(_: torch.Tensor) -> None:
+    pass
+
+
+@dataclass
+class FusionOutput:
+    lm_loss_sum: torch.Tensor
+    """Sum of per-token LM cross-entropy over loss_mask (0 if no labels)."""
+    lm_tokens: torch.Tensor
+    """Number of tokens in lm_loss_sum."""
+    image_pred: Optional[torch.Tensor]
+    """[n_img, C, H, W] predicted noise (None without images)."""
+
+    @property
+    def lm_loss(self) -> torch.Tensor:
+        return self.lm_loss_sum / self.lm_tokens.clamp(min=1)
+
+
+@dataclass
+class ForwardState:
+    """Per-micro-batch state every stage derives from the batch (cheap, no parameters)."""
+
+    inputs: LayerInputs
+    is_image: torch.Tensor  # [s*b] bool, sequence-major
+
+
+class LlamaFusion(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        pctx: Optional[ParallelContext] = None,
+        *,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_ids: Optional[Sequence[int]] = None,
+        seed: int = 1234,
+        pipeline_parallel: int = 1,
+    ):
+        super().__init__()
+        if pctx is None:
+            init_model_parallel(1, 1)
+            pctx = ParallelContext.current()
+        self.cfg, self.pctx = cfg, pctx
+        self.pre_process, self.post_process = pre_process, post_process
+        dtype = resolve_params_dtype(cfg.params_dtype)
+        self.params_dtype = dtype
+        self.config = megatron_transformer_config(cfg, pctx, dtype, pipeline_parallel)
+        self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, pctx.tp_size)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        h, img = cfg.hidden_size, cfg.image
+
+        # Replicated (non-TP) trainable modules: built under one seed so every TP rank,
+        # and every TP size, starts from identical weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            image_in = build_image_in(img, h)
+            image_out = build_image_out(img, h, cfg.rms_norm_eps)
+        if pre_process:
+            self.embedding = VocabParallelEmbedding(
+                self.padded_vocab, h, init_method=_no_init, config=self.config, tp_group=pctx.tp_group
+            )
+            self.special_embedding = nn.Parameter(torch.zeros(2, h, dtype=dtype, device=device))
+            self.image_in = image_in.to(device=device, dtype=dtype)
+        ids = range(cfg.num_layers) if layer_ids is None else layer_ids
+        self.layers = nn.ModuleDict({str(i): FusionLayer(cfg, self.config, pctx) for i in ids})
+        if post_process:
+            self.final_norm = RMSNorm(h, cfg.rms_norm_eps, dtype).to(device)
+            self.lm_head = ColumnParallelLinear(
+                h, self.padded_vocab, config=self.config, init_method=_no_init, bias=False,
+                gather_output=False, skip_bias_add=True, disable_grad_reduce=True, tp_group=pctx.tp_group,
+            )
+            self.image_out = image_out.to(device=device, dtype=dtype)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        self.input_tensor: Optional[torch.Tensor] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_hf_llama(
+        cls,
+        path: str,
+        *,
+        image: Optional["ImageConfig"] = None,  # noqa: F821
+        pctx: Optional[ParallelContext] = None,
+        seed: int = 1234,
+        **model_overrides,
+    ) -> "LlamaFusion":
+        """Build from a HF Llama directory: text tower loaded (and frozen), image tower a copy.
+
+        In a plain Python process this sets up a one-rank process group itself;
+        inside an initialised TP group each rank loads only its shard.
+        """
+        from megafusion.checkpoint.hf_import import load_hf_llama, model_config_from_hf, read_hf_config
+
+        cfg = model_config_from_hf(read_hf_config(path), image=image, **model_overrides)
+        model = cls(cfg, pctx, seed=seed)
+        load_hf_llama(model, path)
+        model.init_image_tower_from_text()
+        model.freeze_text_tower()
+        return model
+
+    def routed_modules(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, (RoutedColumnParallelLinear, RoutedRowParallelLinear))]
+
+    @torch.no_grad()
+    def init_image_tower_from_text(self) -> None:
+        """Image tower Q/K/V/O/FFN/norms := copies of the text tower (the recipe's init)."""
+        for m in self.routed_modules():
+            m.image.weight.copy_(m.text.weight)
+            norm = getattr(m, "norm", None)
+            if norm is not None:
+                norm.image.copy_(norm.text)
+        if self.post_process and hasattr(self.image_out, "norm_in"):
+            self.image_out.norm_in.weight.copy_(self.final_norm.weight)
+
+    def freeze_text_tower(self) -> None:
+        """requires_grad=False on everything the base Llama owns."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(not is_text_tower_param(name))
+
+    @torch.no_grad()
+    def init_random_text_tower(self, std: Optional[float] = None, seed: int = 0) -> None:
+        """Random text tower (tests and from-scratch runs); shards of one rank only, not TP-consistent."""
+        std = self.cfg.init_std if std is None else std
+        g = torch.Generator().manual_seed(seed + 7919 * self.pctx.tp_rank)
+        for name, p in self.named_parameters():
+            if not is_text_tower_param(name):
+                continue
+            if p.ndim == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    # ------------------------------------------------------------------ pipeline API
+    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+        """megatron-core schedules hand the previous stage's output here."""
+        if isinstance(tensor, (list, tuple)):
+            tensor = tensor[0]
+        self.input_tensor = tensor
+
+    def prepare(self, batch: FusionBatch) -> ForwardState:
+        """Routes, mask and RoPE tables for one micro-batch (every stage computes them)."""
+        batch = batch.with_defaults()
+        b, s = batch.input_ids.shape
+        is_image_bs = batch.image_ids >= 0  # [b, s]
+        bi, si = torch.nonzero(is_image_bs, as_tuple=True)  # row-major = image order
+        image_rows = si * b + bi  # rows of the sequence-major [s*b] layout, in image order
+        is_image = is_image_bs.t().reshape(-1)  # [s*b]
+        full = Route.from_modality(is_image, image_rows)
+        if self.pctx.sequence_parallel:
+            n_local = s * b // self.pctx.tp_size
+            local = full.narrow(self.pctx.tp_rank * n_local, n_local, is_image)
+        else:
+            local = full
+        mask = AttentionMask.build(batch.document_ids, batch.image_ids, self.cfg.attention_backend)
+        cos, sin = rope_cos_sin(batch.position_ids, self.inv_freq, self.params_dtype)
+        return ForwardState(LayerInputs(Routes(full, local), mask, cos, sin, s, b), is_image)
+
+    def embed(self, batch: FusionBatch, state: ForwardState) -> tuple[torch.Tensor, Optional[list]]:
+        """Text embeddings + image tokens -> residual stream [s_local, b, h] and U-Net skips."""
+        batch = batch.with_defaults()
+        b, s = batch.input_ids.shape
+        is_img = batch.image_ids >= 0
+        ids = torch.where(is_img, torch.zeros_like(batch.input_ids), batch.input_ids).t()  # [s, b]
+        x = self.embedding(ids)  # [s, b, h], all-reduced over TP
+        sp = self.special_embedding.to(x.dtype)
+        x = torch.where((ids == self.cfg.boi_token_id)[..., None], sp[0], x)
+        x = torch.where((ids == self.cfg.eoi_token_id)[..., None], sp[1], x)
+        x = x.reshape(s * b, -1)  # [N, h]
+        skips = None
+        routes = state.inputs.routes
+        if routes.full.num_image:
+            tokens, skips = self.image_in(batch.latents.to(x.dtype), batch.timesteps)  # [n_img, T, h]
+            text, _ = routes.full.split(x)
+            x = routes.full.merge((text, tokens.reshape(-1, tokens.shape[-1])))
+        x = x.view(s, b, -1)
+        if self.pctx.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, group=self.pctx.tp_group)  # [s/tp, b, h]
+        return x, skips
+
+    def run_layers(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        for layer in self.layers.values():
+            x = layer(x, state.inputs)
+        return x
+
+    def _post_inputs(self, x: torch.Tensor, routes: Routes) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Final residual stream -> (text rows for the LM head, image rows for the up-sampler), full sequence."""
+        x = x.reshape(-1, x.shape[-1])
+        g = self.pctx.tp_group
+        if self.pctx.sequence_parallel:
+            # LM head is column-parallel: its input grads are partial -> reduce-scatter back.
+            text, _ = routes.full.split(gather_from_sequence_parallel_region(x, True, group=g))
+            # The up-sampler is replicated: every rank has the full grad -> just split back.
+            _, image = routes.full.split(gather_from_sequence_parallel_region(x, False, group=g))
+        else:
+            text, image = routes.full.split(x)
+        if text is not None and not self.pctx.sequence_parallel:
+            text = copy_to_tensor_model_parallel_region(text, group=g)
+        return text, image
+
+    def _vocab_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        """Normalised text rows [Nt, h] -> this rank's vocab shard of logits [Nt, V_pad / tp], padding at -inf."""
+        logits = F.linear(self.final_norm(text_hidden), self.lm_head.weight)
+        per = self.padded_vocab // self.pctx.tp_size
+        start = self.pctx.tp_rank * per
+        if start + per > self.cfg.vocab_size:
+            pad = torch.arange(start, start + per, device=logits.device) >= self.cfg.vocab_size
+            logits = logits.masked_fill(pad, float("-inf"))
+        return logits
+
+    def heads(self, x: torch.Tensor, batch: FusionBatch, state: ForwardState, skips: Optional[list]) -> FusionOutput:
+        routes = state.inputs.routes
+        text, image = self._post_inputs(x, routes)
+        zero = x.new_zeros(())
+        loss_sum, count = zero, torch.zeros((), dtype=torch.long, device=x.device)
+        if batch.labels is not None and text is not None:
+            labels_t, _ = routes.full.split(batch.labels.t().reshape(-1))
+            mask = batch.loss_mask if batch.loss_mask is not None else torch.ones_like(batch.labels, dtype=x.dtype)
+            mask_t, _ = routes.full.split(mask.t().reshape(-1).to(x.dtype))
+            logits = self._vocab_logits(text)
+            safe = torch.where(mask_t > 0, labels_t, torch.zeros_like(labels_t))
+            per_tok = vocab_parallel_cross_entropy(logits.float().unsqueeze(1), safe.unsqueeze(1)).squeeze(1)
+            loss_sum = (per_tok * mask_t.float()).sum()
+            count = (mask_t > 0).sum()
+        pred = None
+        if image is not None:
+            n = batch.num_images
+            pred = self.image_out(image.reshape(n, -1, image.shape[-1]), batch.timesteps, skips)
+        return FusionOutput(loss_sum, count, pred)
+
+    # ------------------------------------------------------------------ one-process API
+    def forward(self, batch: FusionBatch, check: bool = True) -> FusionOutput:
+        """Whole model on one pipeline stage: batch -> LM loss and predicted noise."""
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("forward() needs the whole model; pipeline stages use embed/run_layers/heads")
+        if check:
+            img = self.cfg.image
+            batch.check(img.tokens_per_image, (img.latent_channels, img.latent_size, img.latent_size))
+        state = self.prepare(batch)
+        x, skips = self.embed(batch, state)
+        x = self.run_layers(x, state)
+        return self.heads(x, batch, state, skips)
+
+    def text_logits(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[b, s] text-only ids -> full-vocabulary logits [b, s, vocab] (gathered over TP)."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size}); got [{int(input_ids.min())}, {int(input_ids.max())}]")
+        b, s = input_ids.shape
+        batch = FusionBatch.text_only(input_ids)
+        batch.position_ids = position_ids
+        state = self.prepare(batch)
+        x, _ = self.embed(batch, state)
+        x = self.run_layers(x, state)
+        text, _ = self._post_inputs(x, state.inputs.routes)
+        logits = gather_from_tensor_model_parallel_region(self._vocab_logits(text), group=self.pctx.tp_group)
+        logits = logits[:, : self.cfg.vocab_size]  # [s*b, V]
+        return logits.view(s, b, -1).transpose(0, 1)  # [b, s, V]
+
+    def forward_embeddings(
+        self,
+        inputs_embeds: torch.Tensor,
+        image_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Run the layers on given input embeddings [b, s, h]; tokens with image_ids >= 0 use the
+        image tower. Returns the last layer's output [b, s, h] (before the final norm)."""
+        b, s, h = inputs_embeds.shape
+        batch = FusionBatch(
+            input_ids=torch.zeros(b, s, dtype=torch.long, device=inputs_embeds.device),
+            image_ids=image_ids, position_ids=position_ids, document_ids=document_ids,
+        )
+        state = self.prepare(batch)
+        x = inputs_embeds.transpose(0, 1).contiguous()  # [s, b, h]
+        if self.pctx.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, group=self.pctx.tp_group)
+        x = self.run_layers(x, state)
+        if self.pctx.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, False, group=self.pctx.tp_group)
+        return x.transpose(0, 1)
+
+
+_TEXT_TOWER_PREFIXES = ("embedding.", "final_norm.", "lm_head.")
+
+
+def is_text_tower_param(name: str) -> bool:
+    """True for parameters copied from the base Llama and kept frozen."""
+    if name.startswith(_TEXT_TOWER_PREFIXES):
+        return True
+    parts = name.split(".")
+    # layers.<i>.<proj>.text.weight  |  layers.<i>.<proj>.norm.text
+    return parts[0] == "layers" and ("text" in parts[3:])

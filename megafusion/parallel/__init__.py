@@ -1,0 +1,1 @@
+"""Everything rank-aware: process groups, routed TP projections, megatron-core config."""

@@ -1,0 +1,116 @@
+"""Shared test fixtures: tiny HF Llamas, tiny image configs, mixed batches, spawned gloo ranks."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from megafusion.config.schema import ImageConfig
+
+TINY_IMAGE = ImageConfig(
+    image_size=32, vae_downsample=4, latent_channels=4, io="unet", patch_size=2, unet_channels=32,
+    timestep_embed_dim=64,
+)
+
+
+def make_tiny_hf_llama(path: str | Path, *, vocab: int = 300, hidden: int = 64, layers: int = 2, heads: int = 4,
+                       kv_heads: int = 2, ffn: int = 96, tie: bool = False, seed: int = 0,
+                       rope_scaling: bool = True) -> Path:
+    """A random-weight HF Llama (GQA, llama3 rope scaling) saved with save_pretrained (safetensors)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(seed)
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32, "rope_theta": 500000.0} if rope_scaling else None
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        rope_parameters=rope, tie_word_embeddings=tie, rms_norm_eps=1e-5,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # HF inits norms to 1; make them non-trivial so norm routing is tested
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+def mixed_batch(vocab: int, image: ImageConfig = TINY_IMAGE, seed: int = 0, b: int = 2, s: int = 64):
+    """Two rows, three images, two packed documents in row 1, labels/loss mask on text."""
+    from megafusion.model.batch import FusionBatch
+
+    g = torch.Generator().manual_seed(seed)
+    T = image.tokens_per_image
+    ids = torch.randint(0, vocab - 2, (b, s), generator=g)
+    image_ids = torch.full((b, s), -1, dtype=torch.long)
+    image_ids[0, 5 : 5 + T] = 0
+    image_ids[1, 2 : 2 + T] = 1
+    image_ids[1, 30 : 30 + T] = 2
+    doc = torch.zeros(b, s, dtype=torch.long)
+    doc[1, 26:] = 1
+    pos = torch.arange(s).expand(b, s).clone()
+    pos[1, 26:] = torch.arange(s - 26)
+    ls = image.latent_size
+    latents = torch.randn(3, image.latent_channels, ls, ls, generator=g)
+    timesteps = torch.randint(0, 1000, (3,), generator=g)
+    labels = torch.roll(ids, -1, 1)
+    loss_mask = (image_ids < 0).float()
+    return FusionBatch(ids, image_ids, pos, doc, latents, timesteps, labels, loss_mask)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(fn, rank, world, port, out_dir, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 300.0) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned gloo processes; return each rank's result.
+
+    A rank that raises fails the test with its traceback; a hang is killed after ``timeout`` seconds.
+    """
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [ctx.Process(target=_worker, args=(fn, r, world, port, out_dir, args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        hung = [i for i, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        errs = [Path(out_dir, f"rank{r}.err") for r in range(world)]
+        msgs = [f"rank {r}:\n{e.read_text()}" for r, e in enumerate(errs) if e.exists()]
+        if msgs:
+            raise AssertionError("distributed worker failed:\n" + "\n".join(msgs))
+        if hung:
+            raise AssertionError(f"ranks {hung} hung for more than {timeout}s")
+        bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
+        if bad:
+            raise AssertionError(f"ranks {bad} exited with codes {[procs[r].exitcode for r in bad]}")
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
