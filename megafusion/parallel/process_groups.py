@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megafusion.parallel.cpu_bridge import install_cpu_bridge
+
 
 def default_backend() -> str:
     """NCCL with CUDA, gloo without."""
@@ -67,6 +69,7 @@ def init_model_parallel(
 ) -> None:
     """Initialise torch.distributed (if needed) and megatron-core's TP/PP/DP groups."""
     init_distributed(backend)
+    install_cpu_bridge()
     if ps.model_parallel_is_initialized():
         tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
         if (tp, pp) != (tensor_parallel, pipeline_parallel):

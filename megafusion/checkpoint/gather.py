@@ -1,0 +1,51 @@
+"""Reassemble TP-sharded parameters (or their gradients) into full, layout-independent tensors.
+
+Used by tests (a TP=2 run compared to a TP=1 run) and by exporters. The shard
+kind of every parameter is decided from its name in one place, ``shard_kind``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from megafusion.checkpoint.tp_layout import gate_up_unshard, qkv_unshard, vocab_unshard
+
+
+def shard_kind(name: str) -> str:
+    """'qkv' | 'gate_up' | 'row' | 'vocab' | 'replicated' for a LlamaFusion parameter name."""
+    if name in ("embedding.weight", "lm_head.weight"):
+        return "vocab"
+    parts = name.split(".")
+    if parts[0] == "layers" and parts[-1] == "weight" and parts[-2] in ("text", "image"):
+        return {"qkv": "qkv", "gate_up": "gate_up", "o": "row", "down": "row"}[parts[2]]
+    return "replicated"
+
+
+def gather_full(model, which: Literal["param", "grad"] = "param") -> dict[str, torch.Tensor]:
+    """Every parameter (or grad; zeros where None) as its full tensor, on every TP rank."""
+    pctx, cfg = model.pctx, model.cfg
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        t = p.detach() if which == "param" else (p.grad if p.grad is not None else torch.zeros_like(p))
+        kind = shard_kind(name)
+        if kind == "replicated" or pctx.tp_size == 1 and kind != "vocab":
+            out[name] = t.clone()
+            continue
+        shards = [torch.empty_like(t) for _ in range(pctx.tp_size)]
+        if pctx.tp_size > 1:
+            dist.all_gather(shards, t.contiguous(), group=pctx.tp_group)
+        else:
+            shards = [t]
+        if kind == "qkv":
+            d = cfg.head_dim
+            out[name] = torch.cat(qkv_unshard(shards, cfg.num_attention_heads * d, cfg.num_kv_heads * d), 0)
+        elif kind == "gate_up":
+            out[name] = torch.cat(gate_up_unshard(shards), 0)
+        elif kind == "row":
+            out[name] = torch.cat(shards, 1)
+        else:
+            out[name] = vocab_unshard(shards, cfg.vocab_size)
+    return out

@@ -1,0 +1,145 @@
+"""One-process LlamaFusion against transformers' LlamaForCausalLM and against itself.
+
+References do not share our code: HF's own Llama (weights from the same
+safetensors directory) and HF's own attention with our mask passed as a 4D mask.
+"""
+
+import pytest
+import torch
+
+from megafusion import FusionBatch, LlamaFusion
+from megafusion.model.mask import hybrid_attention_mask
+from tests.helpers import TINY_IMAGE, mixed_batch
+
+
+def _hf(path, impl="sdpa"):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, attn_implementation=impl, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_hf):
+    return LlamaFusion.from_hf_llama(str(tiny_hf), image=TINY_IMAGE)
+
+
+def test_text_logits_equal_transformers(model, tiny_hf):
+    ids = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = _hf(tiny_hf)(ids).logits
+        got = model.text_logits(ids)
+    assert got.shape == (3, 40, 300)
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_tied_embeddings_checkpoint(tiny_hf_tied):
+    m = LlamaFusion.from_hf_llama(str(tiny_hf_tied), image=TINY_IMAGE)
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = _hf(tiny_hf_tied)(ids).logits
+        got = m.text_logits(ids)
+    assert (got - ref).abs().max().item() <= 1e-4
+
+
+def test_lm_loss_equals_torch_cross_entropy(model, tiny_hf):
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+    labels = torch.roll(ids, -1, 1)
+    mask = torch.ones(2, 24)
+    mask[:, -1] = 0
+    out = model(FusionBatch(ids, torch.full_like(ids, -1), labels=labels, loss_mask=mask))
+    with torch.no_grad():
+        logits = _hf(tiny_hf)(ids).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 300), labels[:, :-1].reshape(-1))
+    torch.testing.assert_close(out.lm_loss, ref, atol=1e-5, rtol=1e-5)
+    assert out.lm_tokens.item() == 2 * 23
+
+
+def test_routing_and_copy_exact_against_dense_llama(tiny_hf):
+    """Image tower = copy of the text tower: routed model == dense HF Llama with the same hybrid mask."""
+    m = LlamaFusion.from_hf_llama(str(tiny_hf), image=TINY_IMAGE)
+    hf = _hf(tiny_hf)
+    b = mixed_batch(300)
+    emb = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = m.final_norm(m.forward_embeddings(emb, b.image_ids, b.position_ids, b.document_ids))
+        mask = hybrid_attention_mask(b.document_ids, b.image_ids)
+        ref = hf.model(inputs_embeds=emb, attention_mask=mask, position_ids=b.position_ids).last_hidden_state
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    # and the mask is not a no-op: plain causal attention gives different image-token states
+    with torch.no_grad():
+        causal = hf.model(inputs_embeds=emb, position_ids=b.position_ids).last_hidden_state
+    assert (causal - ref).abs().max() > 1e-3
+
+
+def test_image_tower_changes_never_touch_text_outputs(tiny_hf):
+    m = LlamaFusion.from_hf_llama(str(tiny_hf), image=TINY_IMAGE)
+    ids = torch.randint(0, 298, (2, 33), generator=torch.Generator().manual_seed(5))  # no <BOI>/<EOI>
+    with torch.no_grad():
+        before = m.text_logits(ids)
+        for name, p in m.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+        after = m.text_logits(ids)
+    assert torch.equal(before, after)
+    # ...while image-side changes do change mixed-sequence outputs
+    b = mixed_batch(300)
+    out = m(b)
+    assert torch.isfinite(out.lm_loss)
+
+
+def test_text_tower_gets_no_gradient_image_side_does(tiny_hf):
+    m = LlamaFusion.from_hf_llama(str(tiny_hf), image=TINY_IMAGE)
+    b = mixed_batch(300)
+    out = m(b)
+    (out.lm_loss + ((out.image_pred - b.latents) ** 2).mean()).backward()
+    frozen = [(n, p) for n, p in m.named_parameters() if not p.requires_grad]
+    trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+    assert frozen and trainable
+    assert all(p.grad is None for _, p in frozen)
+    names = {n for n, _ in frozen}
+    assert "embedding.weight" in names and "lm_head.weight" in names and "layers.0.qkv.text.weight" in names
+    assert "layers.0.qkv.norm.text" in names and "final_norm.weight" in names
+    missing = [n for n, p in trainable if p.grad is None or p.grad.abs().sum() == 0]
+    # <EOI>/<BOI> rows are unused in this batch, so their embedding has zero grad; everything else learns
+    assert missing == ["special_embedding"], missing
+
+
+def test_linear_patchifier_option(tiny_hf):
+    from dataclasses import replace
+
+    img = replace(TINY_IMAGE, io="linear")
+    m = LlamaFusion.from_hf_llama(str(tiny_hf), image=img)
+    b = mixed_batch(300, image=img)
+    out = m(b)
+    assert out.image_pred.shape == b.latents.shape
+    out.image_pred.sum().backward()
+    assert m.image_in.proj.weight.grad is not None
+
+
+def test_special_tokens_use_trainable_rows(tiny_hf):
+    m = LlamaFusion.from_hf_llama(str(tiny_hf), image=TINY_IMAGE)
+    boi, eoi = m.cfg.boi_token_id, m.cfg.eoi_token_id
+    assert (boi, eoi) == (298, 299)
+    ids = torch.tensor([[1, 2, boi, 3, eoi, 4]])
+    b = FusionBatch(ids, torch.full_like(ids, -1), labels=ids, loss_mask=torch.ones(1, 6))
+    m(b).lm_loss.backward()
+    assert m.special_embedding.grad[0].abs().sum() > 0 and m.special_embedding.grad[1].abs().sum() > 0
+
+
+def test_bad_batches_are_named(model):
+    b = mixed_batch(300)
+    b.timesteps = b.timesteps[:2]
+    with pytest.raises(ValueError, match="FusionBatch.timesteps"):
+        model(b)
+    b = mixed_batch(300)
+    b.latents = torch.randn(3, 4, 16, 16)
+    with pytest.raises(ValueError, match="per-image shape"):
+        model(b)
+    b = mixed_batch(300)
+    b.image_ids[0, 5] = -1
+    with pytest.raises(ValueError, match="exactly 16 tokens"):
+        model(b)
+    with pytest.raises(ValueError, match="empty"):
+        model.text_logits(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="must lie in"):
+        model.text_logits(torch.tensor([[5, 300]]))
