@@ -1,0 +1,23 @@
+# The two commands a newcomer runs (see README.md).
+PYTHON ?= python
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install demo test test-fast bench
+
+install:
+	$(PIP) install -q -e ".[test]"
+
+# The main job on the bundled tiny default.
+demo: install
+	$(PYTHON) -m launcher.train --config tiny logging.run_dir=runs/demo
+
+# The whole suite: unit, distributed (spawned gloo ranks) and end-to-end tests.
+test: install
+	$(PYTHON) -m pytest -q tests
+
+# Everything but the slow end-to-end tests.
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+bench: install
+	$(PYTHON) benchmarks/bench_routing.py

@@ -1,0 +1,85 @@
+"""The one training entry point.
+
+    python -m launcher.train --config PRESET_OR_YAML [key.sub=value ...]
+    torchrun --nproc-per-node 2 -m launcher.train --config tiny parallel.tensor_parallel=2
+
+The config is loaded and validated (against the world size from torchrun/srun)
+before any process group or model exists. NCCL is used with CUDA, gloo without.
+Today this runs the forward/backward smoke run; the megatron-scheduled
+DeepSpeed trainer (issue 4) will take its place behind the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _world_size() -> int:
+    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 1
+
+
+def _rank() -> int:
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="preset name (tiny, llama3-8b-fusion, ...) or YAML path")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    ap.add_argument("--steps", type=int, default=None, help="number of steps (default optim.train_steps)")
+    args = ap.parse_args(argv)
+
+    from megafusion.config import ConfigError, dump_config, load_config, validate_config
+
+    world = _world_size()
+    try:
+        cfg = validate_config(load_config(args.config, args.overrides), world_size=world)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    run_dir = Path(cfg.logging.run_dir)
+    rank = _rank()
+    if rank == 0:
+        dump_config(cfg, run_dir / "config.yaml")
+        print(f"[launcher] config {cfg.name!r} valid for world size {world}; resolved config -> {run_dir / 'config.yaml'}")
+
+    import torch.distributed as dist
+
+    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
+    from megafusion.parallel.process_groups import default_backend, init_model_parallel
+    from megafusion.training.smoke_run import run_smoke
+
+    hf_dir = cfg.checkpoint.hf_llama
+    if not hf_dir:
+        hf_dir = str(run_dir / "base_llama")
+        if rank == 0:
+            write_random_hf_llama(cfg.model, hf_dir, seed=cfg.seed)
+            print(f"[launcher] checkpoint.hf_llama unset: wrote a random-weight HF Llama to {hf_dir}")
+    init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
+                        cfg.parallel.virtual_pipeline_stages, backend=default_backend())
+    dist.barrier()
+    t0 = time.time()
+    steps = args.steps if args.steps is not None else cfg.optim.train_steps
+    losses = run_smoke(cfg, hf_dir, run_dir, steps)
+    if rank == 0:
+        print(f"[launcher] done: {steps} steps in {time.time() - t0:.1f}s, "
+              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; run folder {run_dir}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Batches for training: synthetic packed batches now, the latent-shard loader later."""

@@ -1,0 +1,23 @@
+"""Cosine DDPM noise schedule (Nichol & Dhariwal 2021), epsilon prediction."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class CosineSchedule:
+    """alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), betas clipped at 0.999."""
+
+    def __init__(self, num_timesteps: int = 1000, s: float = 0.008):
+        self.num_timesteps = num_timesteps
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()  # [T]
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(a_bar_t) x0 + sqrt(1 - a_bar_t) eps, per image timestep t [n]."""
+        a = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise

@@ -1,0 +1,1 @@
+"""Training: the smoke run today; the megatron-scheduled DeepSpeed trainer comes with issue 4."""

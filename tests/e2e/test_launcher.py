@@ -1,0 +1,52 @@
+"""The real entry point, as a user types it: python -m launcher.train and torchrun."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(cmd, timeout=300):
+    """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} hung for {timeout}s:\n{out[-2000:]}\n{err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_invalid_config_fails_before_anything_starts(tmp_path):
+    r = _run([sys.executable, "-m", "launcher.train", "--config", "tiny", "parallel.tensor_parallel=3",
+              f"logging.run_dir={tmp_path}/run"])
+    assert r.returncode == 2
+    assert "model.num_attention_heads=4 is not divisible by parallel.tensor_parallel=3" in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing written, nothing spawned
+
+
+def test_unknown_key_is_named(tmp_path):
+    r = _run([sys.executable, "-m", "launcher.train", "--config", "tiny", "optim.learning_rate=1"])
+    assert r.returncode == 2 and "unknown config key 'optim.learning_rate'" in r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_tp2_smoke_run(tmp_path):
+    run_dir = tmp_path / "run"
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              "-m", "launcher.train", "--config", "tiny", "parallel.tensor_parallel=2",
+              "parallel.sequence_parallel=true", f"logging.run_dir={run_dir}", "--steps", "4"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "step     4/4" in r.stdout and "lm_loss" in r.stdout and "diffusion_loss" in r.stdout
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["parallel"]["tensor_parallel"] == 2 and resolved["parallel"]["sequence_parallel"] is True
+    assert (run_dir / "base_llama" / "model.safetensors").is_file()
