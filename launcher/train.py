@@ -1,12 +1,13 @@
 """The one training entry point.
 
     python -m launcher.train --config PRESET_OR_YAML [key.sub=value ...]
-    torchrun --nproc-per-node 2 -m launcher.train --config tiny parallel.tensor_parallel=2
+    torchrun --standalone --nproc-per-node 2 -m launcher.train --config tiny parallel.tensor_parallel=2
+    srun python -m launcher.train --config llama3-70b-fusion ...      (RANK/WORLD_SIZE from SLURM_*)
 
 The config is loaded and validated (against the world size from torchrun/srun)
 before any process group or model exists. NCCL is used with CUDA, gloo without.
-Today this runs the forward/backward smoke run; the megatron-scheduled
-DeepSpeed trainer (issue 4) will take its place behind the same command.
+A run resumes from ``<checkpoint.save>/latest`` when it exists; SIGTERM/SIGUSR1
+save a checkpoint and exit cleanly (exit code 0).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="preset name (tiny, llama3-8b-fusion, ...) or YAML path")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    ap.add_argument("--steps", type=int, default=None, help="number of steps (default optim.train_steps)")
     args = ap.parse_args(argv)
 
     from megafusion.config import ConfigError, dump_config, load_config, validate_config
@@ -53,32 +53,42 @@ def main(argv: list[str] | None = None) -> int:
     rank = _rank()
     if rank == 0:
         dump_config(cfg, run_dir / "config.yaml")
-        print(f"[launcher] config {cfg.name!r} valid for world size {world}; resolved config -> {run_dir / 'config.yaml'}")
+        print(f"[launcher] config {cfg.name!r} valid for world size {world}; resolved config -> {run_dir / 'config.yaml'}",
+              flush=True)
 
     import torch.distributed as dist
 
     from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.parallel.process_groups import default_backend, init_model_parallel
-    from megafusion.training.smoke_run import run_smoke
+    from megafusion.training.trainer import NonFiniteError, Trainer
 
     hf_dir = cfg.checkpoint.hf_llama
     if not hf_dir:
         hf_dir = str(run_dir / "base_llama")
         if rank == 0:
             write_random_hf_llama(cfg.model, hf_dir, seed=cfg.seed)
-            print(f"[launcher] checkpoint.hf_llama unset: wrote a random-weight HF Llama to {hf_dir}")
+            print(f"[launcher] checkpoint.hf_llama unset: using a random-weight HF Llama in {hf_dir}", flush=True)
     init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                         cfg.parallel.virtual_pipeline_stages, backend=default_backend())
     dist.barrier()
+    trainer = Trainer(cfg, hf_dir, log=lambda s: print(s, flush=True))
+    trainer.install_signal_handlers()
+    trainer.maybe_resume()
+    trainer.describe()
     t0 = time.time()
-    steps = args.steps if args.steps is not None else cfg.optim.train_steps
-    losses = run_smoke(cfg, hf_dir, run_dir, steps)
-    if rank == 0:
-        print(f"[launcher] done: {steps} steps in {time.time() - t0:.1f}s, "
-              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; run folder {run_dir}")
+    code = 0
+    try:
+        history = trainer.run()
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = 3
+        history = trainer.history
+    if rank == 0 and history:
+        print(f"[launcher] {len(history)} steps in {time.time() - t0:.1f}s, loss {history[0].loss:.4f} -> "
+              f"{history[-1].loss:.4f}; run folder {run_dir}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

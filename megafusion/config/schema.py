@@ -168,6 +168,8 @@ class OptimConfig:
     """Decoupled weight decay (not on norms, biases, embeddings)."""
     clip_grad: float = 1.0
     """Global gradient-norm clip."""
+    max_consecutive_nonfinite: int = 5
+    """Steps with a non-finite loss or gradient are skipped; this many in a row stop the run."""
 
 
 @dataclass
@@ -193,11 +195,13 @@ class CheckpointConfig:
     hf_llama: str = ""
     """HF Llama directory (safetensors) to initialise the text tower from ('' = build a tiny random one, tiny preset only)."""
     load: str = ""
-    """megafusion checkpoint directory to resume from ('' = none)."""
+    """megafusion checkpoint to start from when ``save`` has no ``latest`` yet ('' = none)."""
     save: str = ""
-    """Directory for checkpoints ('' = run_dir/checkpoints)."""
+    """Directory for checkpoints ('' = run_dir/checkpoints); a run resumes from its ``latest``."""
     interval: int = 1000
-    """Save every N steps."""
+    """Save every N steps (and always at the end and on SIGTERM/SIGUSR1)."""
+    keep: int = 2
+    """Completed checkpoints kept (older ones are deleted after a newer one is complete)."""
 
 
 @dataclass
@@ -210,6 +214,8 @@ class LoggingConfig:
     """Steps between log lines."""
     tensorboard: bool = True
     """Write TensorBoard scalars to run_dir/tb."""
+    peak_tflops: float = 0.0
+    """Peak device TFLOP/s for MFU (0 = known GPU table, or a measured matmul on CPU)."""
 
 
 @dataclass

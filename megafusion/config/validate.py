@@ -88,7 +88,20 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
                     f"world size {world_size} is not divisible by parallel.tensor_parallel={tp} "
                     f"x parallel.pipeline_parallel={pp}"
                 )
-        elif tp * pp * dp != world_size:
+            else:
+                dp = world_size // (tp * pp)
+        d = cfg.data
+        if dp > 0 and d.global_batch_size % (d.micro_batch_size * dp):
+            errs.append(
+                f"data.global_batch_size={d.global_batch_size} is not divisible by data.micro_batch_size="
+                f"{d.micro_batch_size} x data-parallel size {dp}"
+            )
+        elif dp > 0 and vpp and vpp > 1 and (d.global_batch_size // (d.micro_batch_size * dp)) % pp:
+            errs.append(
+                f"interleaved pipelining needs micro-batches per step ({d.global_batch_size // (d.micro_batch_size * dp)}"
+                f" = data.global_batch_size / (data.micro_batch_size x DP)) divisible by parallel.pipeline_parallel={pp}"
+            )
+        if p.data_parallel != -1 and tp * pp * dp != world_size:
             errs.append(
                 f"world size {world_size} != parallel.tensor_parallel={tp} x "
                 f"parallel.pipeline_parallel={pp} x parallel.data_parallel={dp} = {tp * pp * dp}"

@@ -1,8 +1,10 @@
 """Synthetic packed multimodal micro-batches in exactly the form the model consumes.
 
 Used by the smoke run and tests until the latent-shard loader exists. Each row
-packs documents of the form  caption <BOI> image <EOI>  (or image-first),
-with per-document positions and loss only on text tokens that predict text.
+packs documents of the form  caption <BOI> image <EOI>  (image-first with
+probability 1 - data.caption_first_prob; caption dropped with probability
+diffusion.caption_dropout), with per-document positions and loss only on text
+tokens that predict text in the same document.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def synthetic_batch(cfg: Config, seed: int, batch_size: int | None = None) -> Fu
         cur, d = 0, 0
         while cur < s:
             cap = int(torch.randint(4, 12, (1,), generator=g))
+            if bool(torch.rand((), generator=g) < cfg.diffusion.caption_dropout):
+                cap = 0  # caption dropped: the image is learned unconditionally (classifier-free guidance)
             need = cap + T + 2
             if cur + need > s:  # pad the tail as its own text document
                 doc[row, cur:] = d

@@ -1,11 +1,13 @@
 """Let megatron-core's CUDA-assuming code paths run on CPU with gloo.
 
-megatron-core allocates some communication buffers with
-``device=torch.cuda.current_device()`` (e.g. the all-gathers in
-``tensor_parallel.mappings``). On a machine without CUDA this module gives
-exactly those megatron-core modules a ``torch`` whose ``cuda.current_device()``
-answers ``"cpu"`` and whose ``cuda.synchronize()`` is a no-op; everything else
-is the real ``torch``. Nothing changes for any other module, and nothing at all
+megatron-core allocates some buffers with ``device=torch.cuda.current_device()``
+or ``device="cuda"`` (the all-gathers in ``tensor_parallel.mappings``, the token
+counters of ``pipeline_parallel.schedules``, the shape exchange of
+``p2p_communication``) and calls ``torch.cuda.synchronize()``. On a machine
+without CUDA this module gives exactly those megatron-core modules a ``torch``
+whose ``cuda.current_device()`` answers ``"cpu"``, whose tensor factories map
+``device="cuda"`` to the CPU and whose ``cuda.synchronize()`` is a no-op;
+everything else is the real ``torch``. Nothing changes for any other module, and nothing at all
 changes when CUDA is available: the GPU path is megatron-core's own code.
 
 The list of patched modules was written against megatron-core 0.16; a different
@@ -20,7 +22,11 @@ import types
 import torch
 
 SUPPORTED_MEGATRON = ("0.16.",)
-BRIDGED_MODULES = ("megatron.core.tensor_parallel.mappings",)
+BRIDGED_MODULES = (
+    "megatron.core.tensor_parallel.mappings",  # all-gather / reduce-scatter buffers
+    "megatron.core.pipeline_parallel.schedules",  # torch.zeros(..., device="cuda") token counters
+    "megatron.core.pipeline_parallel.p2p_communication",  # shape buffers, torch.cuda.synchronize()
+)
 _installed = False
 
 
@@ -42,10 +48,23 @@ class _CpuCuda(types.ModuleType):
         return None
 
 
+def _on_cpu(factory):
+    def make(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+
+    return make
+
+
 class _TorchForCpu(types.ModuleType):
+    """torch, except that tensor factories asked for device="cuda" allocate on the CPU."""
+
     def __init__(self):
         super().__init__("torch(cpu-bridge)")
         self.cuda = _CpuCuda()
+        for name in ("zeros", "ones", "empty", "full", "tensor"):
+            setattr(self, name, _on_cpu(getattr(torch, name)))
 
     def __getattr__(self, name):
         return getattr(torch, name)

@@ -1,0 +1,44 @@
+"""The trainer's view of data: an indexable stream of (micro-batch, noise) per data-parallel rank.
+
+Position in the stream is (step, micro-batch index); the stream is a pure
+function of that position, the seed and the DP rank, so a resumed run reads
+exactly the batches an uninterrupted run would have read, and every pipeline
+stage of one DP replica sees the same batch (first stage: inputs; last stage:
+labels and noise targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from megafusion.config.schema import Config
+from megafusion.data.synthetic import synthetic_batch
+from megafusion.diffusion.schedule import CosineSchedule
+from megafusion.model.batch import FusionBatch
+
+
+@dataclass
+class TrainItem:
+    batch: FusionBatch  # latents are noised: x_t
+    noise: torch.Tensor  # [n_img, C, H, W] epsilon target
+
+
+class SyntheticStream:
+    """Synthetic packed batches (until the latent-shard loader lands), noised with the cosine schedule."""
+
+    def __init__(self, cfg: Config, dp_rank: int, device: torch.device):
+        self.cfg, self.dp_rank, self.device = cfg, dp_rank, device
+        self.schedule = CosineSchedule(cfg.diffusion.num_timesteps)
+
+    def item(self, step: int, micro: int) -> TrainItem:
+        seed = ((self.cfg.seed * 1_000_003 + step) * 4099 + micro) * 131 + self.dp_rank
+        clean = synthetic_batch(self.cfg, seed=seed)
+        g = torch.Generator().manual_seed(seed + 17)
+        noise = torch.randn(clean.latents.shape, generator=g)
+        noisy = self.schedule.add_noise(clean.latents, noise, clean.timesteps)
+        return TrainItem(replace(clean, latents=noisy).to(self.device), noise.to(self.device))
+
+    def iterator(self, step: int, num_micro: int):
+        return iter([self.item(step, m) for m in range(num_micro)])

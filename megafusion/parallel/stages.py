@@ -1,0 +1,186 @@
+"""Cutting LlamaFusion into pipeline stages (and virtual stages) for megatron-core's schedules.
+
+Stage contents: the first chunk of pipeline rank 0 holds the text embedding, the
+<BOI>/<EOI> rows and the U-Net down-sampler; the last chunk of the last rank
+holds the final norm, LM head and U-Net up-sampler; layers are spread evenly,
+interleaved the megatron-core way when virtual stages are configured.
+
+The U-Net up-sampler needs the skip activations of the down-sampler, which
+lives on another stage. Instead of widening every pipeline message, the last
+stage keeps a *tied replica* of the down-sampler (as megatron-core keeps a
+tied copy of the word embedding on the last stage) and recomputes the skips
+from the same latents. After backward the replica's gradients are added to the
+first stage's copy over megatron-core's embedding group; the replica is not in
+the optimizer and receives the first stage's updated weights after each step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.enums import ModelType
+
+from megafusion.config.schema import Config
+from megafusion.model.image_io import build_image_in
+from megafusion.model.llamafusion import LlamaFusion
+from megafusion.parallel.process_groups import ParallelContext
+
+REPLICA = "skip_encoder_replica"
+
+
+def layer_ids_for_chunk(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> list[int]:
+    """Global layer indices of virtual chunk ``chunk`` on pipeline rank ``pp_rank`` (megatron-core order)."""
+    per = num_layers // (pp * vpp)
+    start = chunk * (num_layers // vpp) + pp_rank * per
+    return list(range(start, start + per))
+
+
+class StageModule(nn.Module):
+    """One pipeline chunk, shaped the way megatron-core's schedules call it.
+
+    ``forward(batch, noise)`` returns the hidden states [s_local, b, h] on a
+    non-last chunk and ``(loss, {"loss", "lm_loss", "diffusion_loss"})`` on the
+    last one. The schedules need ``config``, ``model_type`` and ``set_input_tensor``.
+    """
+
+    def __init__(self, core: LlamaFusion, cfg: Config, with_replica: bool):
+        super().__init__()
+        self.core = core
+        self.config = core.config
+        self.model_type = ModelType.encoder_or_decoder
+        self.loss_weight = cfg.diffusion.loss_weight
+        self.pre_process, self.post_process = core.pre_process, core.post_process
+        self.cfg = core.cfg
+        if with_replica:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)  # same init as the first stage's down-sampler
+                replica = build_image_in(core.cfg.image, core.cfg.hidden_size)
+            dev = next(core.parameters()).device
+            self.add_module(REPLICA, replica.to(device=dev, dtype=core.params_dtype))
+        self.input_tensor: Optional[torch.Tensor] = None
+
+    def set_input_tensor(self, tensor) -> None:
+        if isinstance(tensor, (list, tuple)):
+            tensor = tensor[0]
+        self.input_tensor = tensor
+
+    def forward(self, batch, noise):
+        core = self.core
+        state = core.prepare(batch)
+        skips = None
+        if self.pre_process:
+            x, skips = core.embed(batch, state)
+        else:
+            x = self.input_tensor
+        x = core.run_layers(x, state)
+        if not self.post_process:
+            return x
+        if skips is None and batch.num_images and hasattr(self, REPLICA):
+            _, skips = getattr(self, REPLICA)(batch.latents.to(x.dtype), batch.timesteps)
+        out = core.heads(x, batch, state, skips)
+        lm = out.lm_loss
+        if out.image_pred is not None:
+            diff = F.mse_loss(out.image_pred.float(), noise.float())
+        else:
+            diff = lm.new_zeros(())
+        loss = lm + self.loss_weight * diff
+        # clones: megatron-core divides the returned loss in place by the number of micro-batches
+        return loss, {"loss": loss.detach().clone(), "lm_loss": lm.detach().clone(), "diffusion_loss": diff.detach().clone()}
+
+
+def build_stage_models(cfg: Config, hf_dir: str, pctx: ParallelContext) -> list[StageModule]:
+    """This rank's chunk(s), text tower loaded from ``hf_dir`` (its TP shard, its layers only)."""
+    from megafusion.checkpoint.hf_import import load_hf_llama, model_config_from_hf, read_hf_config
+
+    m = cfg.model
+    mcfg = model_config_from_hf(
+        read_hf_config(hf_dir), image=m.image, boi_token_id=m.boi_token_id, eoi_token_id=m.eoi_token_id,
+        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by, attention_backend=m.attention_backend,
+        params_dtype=m.params_dtype,
+    )
+    for key in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size"):
+        if getattr(mcfg, key) != getattr(m, key):
+            raise ValueError(
+                f"checkpoint.hf_llama={hf_dir}: {key}={getattr(mcfg, key)} but the config says "
+                f"model.{key}={getattr(m, key)}"
+            )
+    pp = ps.get_pipeline_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    vpp = cfg.parallel.virtual_pipeline_stages or 1
+    chunks = []
+    for chunk in range(vpp):
+        first = pp_rank == 0 and chunk == 0
+        last = pp_rank == pp - 1 and chunk == vpp - 1
+        core = LlamaFusion(
+            mcfg, pctx, pre_process=first, post_process=last, seed=cfg.seed, pipeline_parallel=pp,
+            layer_ids=layer_ids_for_chunk(mcfg.num_layers, pp, vpp, pp_rank, chunk),
+        )
+        load_hf_llama(core, hf_dir)
+        core.init_image_tower_from_text()
+        core.freeze_text_tower()
+        if vpp > 1:
+            core.config.virtual_pipeline_model_parallel_size = vpp
+        stage = StageModule(core, cfg, with_replica=last and not first and mcfg.image.io == "unet")
+        stage.vp_stage = chunk if vpp > 1 else None
+        chunks.append(stage)
+    return chunks
+
+
+def sync_replica_grads(models: list[StageModule]) -> None:
+    """Add the last stage's down-sampler replica gradients into the first stage's copy (embedding group)."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    params = _tied_params(models)
+    if params is None:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, group=ps.get_embedding_group())
+    if ps.is_pipeline_first_stage(ignore_virtual=True):
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+    else:  # the replica is not optimized: its weights come from the first stage after the step
+        for p in params:
+            p.grad = None
+
+
+def broadcast_replica_weights(models: list[StageModule]) -> None:
+    """After the optimizer step: first stage's down-sampler weights -> the last stage's replica."""
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return
+    params = _tied_params(models)
+    if params is None:
+        return
+    group = ps.get_embedding_group()
+    src = dist.get_global_rank(group, 0)
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    dist.broadcast(flat, src=src, group=group)
+    if not ps.is_pipeline_first_stage(ignore_virtual=True):
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+
+def _tied_params(models: list[StageModule]) -> Optional[list[nn.Parameter]]:
+    """The down-sampler parameters on the first stage, or the replica's on the last (same order)."""
+    if ps.is_pipeline_first_stage(ignore_virtual=True):
+        m = models[0]
+        if not m.pre_process or m.cfg.image.io != "unet":
+            return None
+        return list(m.core.image_in.parameters())
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        m = models[-1]
+        replica = getattr(m, REPLICA, None)
+        return list(replica.parameters()) if replica is not None else None
+    return None

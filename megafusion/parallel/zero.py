@@ -1,0 +1,127 @@
+"""DeepSpeed ZeRO over the trainable parameters only, inside megatron-core's TP x PP x DP layout.
+
+The optimizer is built on the trainable parameters (image tower, U-Nets,
+<BOI>/<EOI> rows); the frozen text tower is not in any param group, so it gets
+no gradient buffer, no fp32 master copy and no optimizer state. DeepSpeed
+partitions that state over the data-parallel group that megatron-core
+created, reached through :class:`MegatronMpu`.
+
+Gradient accumulation belongs to megatron-core's schedule (several micro-batches
+per step), so DeepSpeed runs with ``gradient_accumulation_steps: 1`` and the
+trainer calls ``engine.allreduce_gradients()`` then ``engine.step()`` once per step.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from megatron.core import parallel_state as ps
+
+from megafusion.config.schema import Config
+
+
+class MegatronMpu:
+    """The ``mpu=`` object DeepSpeed expects, answered from megatron-core's parallel_state.
+
+    megatron-core 0.16 no longer has ``get_model_parallel_rank``/``_world_size``;
+    DeepSpeed still calls them. "Model parallel" = TP x PP (megatron's model-parallel group),
+    so gradient norms are summed over every stage; DeepSpeed counts a replicated
+    (non-TP) parameter on tensor-parallel rank 0 only.
+    """
+
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return torch.distributed.get_rank(ps.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return torch.distributed.get_world_size(ps.get_model_parallel_group())
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    """Norm weights, biases and embedding rows get no weight decay."""
+    return p.ndim < 2 or name.endswith(".bias") or "norm" in name or "embedding" in name
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters split by weight decay; tied replicas (weights broadcast, not optimized) excluded."""
+    from megafusion.parallel.stages import REPLICA
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or REPLICA in name:
+            continue
+        (no_decay if _no_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
+    dp = ps.get_data_parallel_world_size()
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": 1,  # accumulation is megatron-core's schedule's
+        "train_batch_size": cfg.data.micro_batch_size * dp,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            "reduce_scatter": True,
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+        },
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(models, cfg: Config):
+    """deepspeed.initialize on the trainable parameters of this rank's chunk(s); returns (engine, optimizer).
+
+    ``engine.module`` is a ``ModuleList`` of the chunks; the chunks themselves are
+    what megatron-core's schedule calls.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    model = models if isinstance(models, torch.nn.Module) else torch.nn.ModuleList(models)
+    o = cfg.optim
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    opt = torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        fused=torch.cuda.is_available(),
+    )
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, config=deepspeed_config(cfg, bf16), mpu=MegatronMpu(),
+        dist_init_required=False,
+    )
+    return engine, optimizer
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state held by this rank (Adam moments + fp32 master partitions)."""
+    total = 0
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for state in inner.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.numel() > 1:
+                total += v.numel() * v.element_size()
+    for part in getattr(optimizer, "single_partition_of_fp32_groups", []):
+        total += part.numel() * part.element_size()
+    return total

@@ -1,0 +1,203 @@
+"""Resumable training checkpoints: atomic, sharded per rank, nothing pickled.
+
+Layout of one checkpoint ``<save>/step_00000100/``::
+
+    meta.json                        step, data position, layout, counters (JSON)
+    config.yaml                      the resolved config
+    model/tp{t}_pp{p}.safetensors    trainable parameters of that TP/PP shard (written by DP rank 0)
+    optim/tp{t}_pp{p}_dp{d}.safetensors   this rank's ZeRO partition: fp32 master + Adam moments
+    optim/tp{t}_pp{p}_dp{d}.json     step counts and partition sizes of that file
+    rng/rank{r}.safetensors          torch CPU (and CUDA) generator states
+
+The frozen text tower is not copied into checkpoints: it is bit-identical to
+``checkpoint.hf_llama`` (recorded in meta.json with its file sizes) and is
+reloaded from there. Everything is written into ``step_XXXXXXXX.tmp`` first;
+rank 0 renames the folder once every rank has finished and only then rewrites
+the ``latest`` pointer (via a temporary file and ``os.replace``), so a crash at
+any point leaves ``latest`` on the previous complete checkpoint.
+
+What the format trusts: safetensors files hold raw tensors only and JSON/YAML
+hold plain data; loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from safetensors.torch import load_file, save_file
+
+from megafusion.config.loader import dump_config
+from megafusion.config.schema import Config
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match this run's layout."""
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+def _ranks() -> tuple[int, int, int]:
+    return ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
+    """The complete checkpoint ``latest`` points to, or None."""
+    pointer = Path(save_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = Path(save_dir) / name
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint (no meta.json)")
+    return path
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's ZeRO partition: fp32 master flat groups and the base AdamW state on them."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"groups": []}
+    inner = optimizer.optimizer  # the torch AdamW DeepSpeed wraps
+    for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
+        tensors[f"group{i}.master"] = master.detach().contiguous()
+        state = inner.state.get(master, {})
+        g: dict[str, Any] = {"numel": master.numel()}
+        for key, val in state.items():
+            if torch.is_tensor(val) and val.numel() > 1:
+                tensors[f"group{i}.{key}"] = val.detach().contiguous()
+            else:
+                g[key] = float(val)
+        meta["groups"].append(g)
+    return tensors, meta
+
+
+def save_checkpoint(
+    save_dir: str | Path, step: int, model: torch.nn.Module, optimizer, cfg: Config, extra: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Collective: every rank writes its shards; returns the final folder."""
+    save_dir = Path(save_dir)
+    name = f"step_{step:08d}"
+    final, tmp = save_dir / name, save_dir / (name + ".tmp")
+    rank = dist.get_rank()
+    tp, pp, dp = _ranks()
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        for sub in ("model", "optim", "rng"):
+            (tmp / sub).mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    if dp == 0:
+        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "model" / f"tp{tp}_pp{pp}.safetensors"))
+    tensors, ometa = _optimizer_tensors(optimizer)
+    stem = tmp / "optim" / f"tp{tp}_pp{pp}_dp{dp}"
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(stem) + ".safetensors")
+    _write_json(Path(str(stem) + ".json"), ometa)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng" / f"rank{rank}.safetensors"))
+    dist.barrier()
+    if rank == 0:
+        dump_config(cfg, tmp / "config.yaml")
+        _write_json(tmp / "meta.json", {"step": step, "layout": _layout(), "time": time.time(),
+                                         "world_size": dist.get_world_size(), **extra})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = save_dir / (LATEST + ".tmp")
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, save_dir / LATEST)
+        done = sorted(p for p in save_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
+    """Collective: restore trainable weights, this rank's ZeRO partition and RNG; returns meta.json."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta["layout"] != _layout():
+        raise CheckpointError(
+            f"{path}: saved with layout {meta['layout']}, this run is {_layout()}; "
+            "reshard the checkpoint to this layout first"
+        )
+    tp, pp, dp = _ranks()
+    model_file = path / "model" / f"tp{tp}_pp{pp}.safetensors"
+    if not model_file.is_file():
+        raise CheckpointError(f"{model_file} missing")
+    saved = load_file(str(model_file))
+    params = dict(model.named_parameters())
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != trainable:
+        diff = sorted(set(saved) ^ trainable)
+        raise CheckpointError(f"{model_file}: trainable parameters differ from the model's, e.g. {diff[:3]}")
+    with torch.no_grad():
+        for n, t in saved.items():
+            if params[n].shape != t.shape:
+                raise CheckpointError(f"{model_file}: {n} has shape {tuple(t.shape)}, model {tuple(params[n].shape)}")
+            params[n].copy_(t)
+    stem = path / "optim" / f"tp{tp}_pp{pp}_dp{dp}"
+    try:
+        otensors = load_file(str(stem) + ".safetensors")
+        ometa = json.loads(Path(str(stem) + ".json").read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{stem}.*: optimizer partition missing ({exc})") from None
+    load_zero_partition(optimizer, otensors, ometa, str(stem))
+    rng = load_file(str(path / "rng" / f"rank{dist.get_rank()}.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return meta
+
+
+def load_zero_partition(optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> None:
+    """Copy a saved ZeRO partition (fp32 master + Adam moments + step) into a live DeepSpeed optimizer."""
+    inner = optimizer.optimizer
+    groups = optimizer.single_partition_of_fp32_groups
+    if len(meta["groups"]) != len(groups):
+        raise CheckpointError(f"{where}: {len(meta['groups'])} optimizer groups saved, this run has {len(groups)}")
+    for i, master in enumerate(groups):
+        saved = tensors[f"group{i}.master"]
+        if saved.shape != master.shape:
+            raise CheckpointError(
+                f"{where}: group {i} ZeRO partition has {saved.numel()} elements, this run expects "
+                f"{master.numel()} (different DP size or trainable set; reshard the checkpoint)"
+            )
+        with torch.no_grad():
+            master.copy_(saved.to(master.device))
+        state: dict[str, Any] = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            if f"group{i}.{key}" in tensors:
+                state[key] = tensors[f"group{i}.{key}"].to(master.device).clone()
+        if "step" in meta["groups"][i]:
+            state["step"] = torch.tensor(meta["groups"][i]["step"])
+        if state:
+            inner.state[master] = state

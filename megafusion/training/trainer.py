@@ -1,0 +1,249 @@
+"""The training loop a cluster run uses.
+
+One optimizer step = megatron-core's ``forward_backward_func`` over the
+step's micro-batches (no pipelining, 1F1B, or interleaved, chosen by
+megatron-core from the layout) -> TP sequence-parallel grad sync -> a
+non-finite check -> DeepSpeed ``allreduce_gradients()`` + ``step()`` (ZeRO over
+the data-parallel group, clipping at ``optim.clip_grad``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megafusion.config.schema import Config
+from megafusion.data.stream import SyntheticStream, TrainItem
+from megafusion.parallel.grads import allreduce_sequence_parallel_grads
+from megafusion.parallel.process_groups import ParallelContext
+from megafusion.parallel.stages import broadcast_replica_weights, build_stage_models, sync_replica_grads
+from megafusion.parallel.zero import build_engine, optimizer_state_bytes
+from megafusion.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megafusion.training.lr_schedule import learning_rate
+from megafusion.training.metrics import (
+    ScalarLogger,
+    StepStats,
+    image_io_flops_per_image,
+    peak_flops,
+    peak_memory_gb,
+    transformer_flops_per_step,
+)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, hf_dir: str, log: Callable[[str], None] = print):
+        self.cfg, self.hf_dir = cfg, hf_dir
+        self.rank0 = dist.get_rank() == 0
+        self._log = log
+        self.pctx = ParallelContext.current(cfg.parallel.sequence_parallel)
+        self.models = build_stage_models(cfg, hf_dir, self.pctx)  # one chunk per virtual stage
+        self.engine, self.optimizer = build_engine(self.models, cfg)
+        self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        d = cfg.data
+        self.num_micro = d.global_batch_size // (d.micro_batch_size * self.dp_size)
+        device = next(self.models[0].parameters()).device
+        self.stream = SyntheticStream(cfg, self.dp_rank, device)
+        self.step = 0
+        self.skipped = 0
+        self.nonfinite_run = 0
+        run_dir = Path(cfg.logging.run_dir)
+        self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else run_dir / "checkpoints"
+        self.tb = ScalarLogger(str(run_dir / "tb") if (self.rank0 and cfg.logging.tensorboard) else None)
+        self._stop_signal: Optional[int] = None
+        self._peak = peak_flops(cfg)
+        self._img_flops = image_io_flops_per_image(cfg)
+        self.history: list[StepStats] = []
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, msg: str) -> None:
+        if self.rank0:
+            self._log(msg)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (SLURM preemption): finish the step, save, exit cleanly."""
+
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.models for p in m.parameters() if p.requires_grad]
+
+    def describe(self) -> None:
+        n_train = sum(p.numel() for p in self.trainable_parameters())
+        n_frozen = sum(p.numel() for m in self.models for p in m.parameters() if not p.requires_grad)
+        self.log(
+            f"[train] layout TP={self.pctx.tp_size} PP={ps.get_pipeline_model_parallel_world_size()} "
+            f"DP={self.dp_size} SP={self.pctx.sequence_parallel} ZeRO={self.cfg.parallel.zero_stage} "
+            f"micro-batches/step={self.num_micro}; rank 0 holds {n_train / 1e6:.2f}M trainable and "
+            f"{n_frozen / 1e6:.2f}M frozen params, optimizer state {optimizer_state_bytes(self.optimizer) / 2**20:.1f} MiB"
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        path = save_checkpoint(
+            self.save_dir, self.step, self.engine.module, self.optimizer, self.cfg,
+            {"data_position": {"step": self.step, "micro_batches_per_step": self.num_micro},
+             "skipped_steps": self.skipped, "frozen_source": self.hf_dir},
+            keep=self.cfg.checkpoint.keep,
+        )
+        self.log(f"[train] saved checkpoint {path}")
+        return path
+
+    def maybe_resume(self) -> bool:
+        path = latest_checkpoint(self.save_dir)
+        if path is None and self.cfg.checkpoint.load:
+            path = latest_checkpoint(self.cfg.checkpoint.load) or Path(self.cfg.checkpoint.load)
+        if path is None:
+            return False
+        meta = load_checkpoint(path, self.engine.module, self.optimizer)
+        self.step = int(meta["step"])
+        self.skipped = int(meta.get("skipped_steps", 0))
+        self.log(f"[train] resumed from {path} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def _forward_step(self, data_iterator, model):
+        item: TrainItem = next(data_iterator)
+        out = model(item.batch, item.noise)
+
+        def loss_func(output):
+            loss, parts = output
+            return loss, parts
+
+        return out, loss_func
+
+    def train_step(self) -> StepStats:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = learning_rate(cfg.optim, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        items = [self.stream.item(self.step, m) for m in range(self.num_micro)]
+        fb = get_forward_backward_func()
+        reduced = fb(
+            forward_step_func=self._forward_step,
+            data_iterator=[iter(items) for _ in self.models] if len(self.models) > 1 else iter(items),
+            model=self.models,
+            num_microbatches=self.num_micro,
+            seq_length=self._pipeline_seq_length(),
+            micro_batch_size=cfg.data.micro_batch_size,
+            forward_only=False,
+        )
+        for m in self.models:
+            allreduce_sequence_parallel_grads(m, self.pctx.tp_group)
+        sync_replica_grads(self.models)
+        stats = self._reduce_losses(reduced)
+        finite = math.isfinite(stats[0]) and self._grads_finite()
+        if finite:
+            self.engine.allreduce_gradients()
+            self.engine.step()
+            broadcast_replica_weights(self.models)
+            grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+            self.nonfinite_run = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.trainable_parameters():
+                p.grad = None
+            self.skipped += 1
+            self.nonfinite_run += 1
+            grad_norm = float("nan")
+            self.log(f"[train] step {self.step + 1}: non-finite loss or gradient, step skipped "
+                     f"({self.nonfinite_run} in a row, {self.skipped} in total)")
+            if self.nonfinite_run >= cfg.optim.max_consecutive_nonfinite:
+                raise NonFiniteError(
+                    f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient "
+                    f"(optim.max_consecutive_nonfinite={cfg.optim.max_consecutive_nonfinite}); stopping. "
+                    f"The last good checkpoint in {self.save_dir} is intact."
+                )
+        self.step += 1
+        dt = time.perf_counter() - t0
+        return self._stats(stats, grad_norm, lr, dt, items)
+
+    def _pipeline_seq_length(self) -> int:
+        return self.cfg.data.seq_length
+
+    def _grads_finite(self) -> bool:
+        bad = torch.zeros(1)
+        for p in self.trainable_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                bad[0] = 1.0
+                break
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
+
+    def _reduce_losses(self, reduced: list) -> list[float]:
+        """Mean of (loss, lm_loss, diffusion_loss) over micro-batches and DP ranks, known on every rank."""
+        vals = torch.zeros(3, dtype=torch.float64)
+        if reduced:
+            for r in reduced:
+                vals += torch.stack([r["loss"], r["lm_loss"], r["diffusion_loss"]]).double().cpu()
+            vals /= len(reduced)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            # only the last stage has losses: sum over the pipeline group moves them to every stage
+            dist.all_reduce(vals, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(vals, group=ps.get_data_parallel_group())
+        vals /= self.dp_size
+        return vals.tolist()
+
+    def _stats(self, losses: list[float], grad_norm: float, lr: float, dt: float, items) -> StepStats:
+        cfg = self.cfg
+        text = sum(int((it.batch.image_ids < 0).sum()) for it in items)
+        image = sum(int((it.batch.image_ids >= 0).sum()) for it in items)
+        n_img = sum(it.batch.num_images for it in items)
+        seqs = sum(it.batch.input_ids.shape[0] for it in items)
+        flops = (transformer_flops_per_step(cfg, text, image, seqs) + n_img * self._img_flops) * self.dp_size
+        world = dist.get_world_size()
+        tokens = (text + image) * self.dp_size
+        return StepStats(
+            step=self.step, loss=losses[0], lm_loss=losses[1], diffusion_loss=losses[2], grad_norm=grad_norm,
+            lr=lr, tokens_per_s=tokens / dt, samples_per_s=seqs * self.dp_size / dt,
+            mfu=flops / dt / (self._peak * world), mem_gb=peak_memory_gb(), skipped=self.skipped,
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, total_steps: Optional[int] = None) -> list[StepStats]:
+        cfg = self.cfg
+        total = total_steps if total_steps is not None else cfg.optim.train_steps
+        interval = max(1, cfg.checkpoint.interval)
+        t_start, start_step = time.time(), self.step
+        while self.step < total:
+            stats = self.train_step()
+            self.history.append(stats)
+            done = self.step - start_step
+            eta = (time.time() - t_start) / done * (total - self.step)
+            if self.rank0:
+                with open(Path(cfg.logging.run_dir) / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(dataclasses.asdict(stats)) + "\n")
+                if self.step % cfg.logging.log_interval == 0 or self.step == total:
+                    self._log(stats.line(total, eta))
+                    self.tb.log(stats)
+            if self._stop_requested():
+                self.log(f"[train] stop signal received: saving at step {self.step} and exiting")
+                self.save()
+                break
+            if self.step % interval == 0 or self.step == total:
+                self.save()
+        self.tb.close()
+        return self.history
