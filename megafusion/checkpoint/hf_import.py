@@ -15,7 +15,6 @@ from typing import Any, Optional
 import torch
 from safetensors import safe_open
 
-from megafusion.checkpoint.tp_layout import column_shard, gate_up_shard, qkv_shard, row_shard, vocab_shard
 from megafusion.config.schema import ImageConfig, ModelConfig, RopeScalingConfig
 
 LLAMA3_VOCAB = 128256
@@ -38,6 +37,8 @@ def model_config_from_hf(hf: dict, image: Optional[ImageConfig] = None, **overri
     <BOI>/<EOI> default to Llama-3's <|reserved_special_token_0/1|> (128002/128003)
     when the vocabulary is Llama-3's, else to the last two ids of the vocabulary.
     """
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFCheckpointError(f"config.json hidden_act={hf.get('hidden_act')!r}; Llama uses 'silu'")
     if hf.get("model_type") not in (None, "llama"):
         raise HFCheckpointError(f"config.json model_type={hf.get('model_type')!r}; only 'llama' is supported")
     for key in ("attention_bias", "mlp_bias"):
@@ -67,7 +68,7 @@ def model_config_from_hf(hf: dict, image: Optional[ImageConfig] = None, **overri
     kw: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=hidden, num_layers=hf["num_hidden_layers"], num_attention_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=float(theta), rope_scaling=scaling,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), boi_token_id=boi, eoi_token_id=eoi,
     )
@@ -141,11 +142,27 @@ def load_hf_llama(model, path: str | Path) -> None:
         a = rank * (full // tp)
         return r.rows(name, a, a + full // tp)
 
+    def row_cols(name: str) -> torch.Tensor:  # this rank's input columns only
+        full = r.shape(name)[1]
+        a = rank * (full // tp)
+        return r.slice(name)[:, a : a + full // tp]
+
+    def vocab_rows(name: str) -> torch.Tensor:  # this rank's rows of the padded vocab, zeros past the end
+        per = model.padded_vocab // tp
+        a, b = rank * per, (rank + 1) * per
+        vocab = r.shape(name)[0]
+        out = torch.zeros(per, r.shape(name)[1], dtype=torch.float32)
+        if a < vocab:
+            real = r.rows(name, a, min(b, vocab))
+            out = out.to(real.dtype)
+            out[: real.shape[0]] = real
+        return out
+
     if model.pre_process:
-        emb = r.get("model.embed_tokens.weight")
-        _copy(model.embedding.weight, vocab_shard(emb, model.padded_vocab, tp, rank), "model.embed_tokens.weight")
-        _copy(model.special_embedding, emb[[cfg.boi_token_id, cfg.eoi_token_id]], "<BOI>/<EOI> embedding rows")
-        del emb
+        name = "model.embed_tokens.weight"
+        _copy(model.embedding.weight, vocab_rows(name), name)
+        specials = torch.cat([r.rows(name, t, t + 1) for t in (cfg.boi_token_id, cfg.eoi_token_id)])
+        _copy(model.special_embedding, specials, "<BOI>/<EOI> embedding rows")
     for key, layer in model.layers.items():
         p = f"model.layers.{key}."
         qkv = torch.cat([
@@ -155,23 +172,20 @@ def load_hf_llama(model, path: str | Path) -> None:
         ], 0)
         _copy(layer.qkv.text.weight, qkv, p + "self_attn.{q,k,v}_proj.weight")
         _copy(layer.qkv.norm.text, r.get(p + "input_layernorm.weight"), p + "input_layernorm.weight")
-        _copy(layer.o.text.weight, row_shard(r.get(p + "self_attn.o_proj.weight"), tp, rank), p + "self_attn.o_proj.weight")
+        _copy(layer.o.text.weight, row_cols(p + "self_attn.o_proj.weight"), p + "self_attn.o_proj.weight")
         gu = torch.cat([
             col_rows(p + "mlp.gate_proj.weight", cfg.ffn_hidden_size),
             col_rows(p + "mlp.up_proj.weight", cfg.ffn_hidden_size),
         ], 0)
         _copy(layer.gate_up.text.weight, gu, p + "mlp.{gate,up}_proj.weight")
         _copy(layer.gate_up.norm.text, r.get(p + "post_attention_layernorm.weight"), p + "post_attention_layernorm.weight")
-        _copy(layer.down.text.weight, row_shard(r.get(p + "mlp.down_proj.weight"), tp, rank), p + "mlp.down_proj.weight")
+        _copy(layer.down.text.weight, row_cols(p + "mlp.down_proj.weight"), p + "mlp.down_proj.weight")
     if model.post_process:
         _copy(model.final_norm.weight, r.get("model.norm.weight"), "model.norm.weight")
         head_name = "lm_head.weight" if "lm_head.weight" in r else "model.embed_tokens.weight"
         if head_name != "lm_head.weight" and not cfg.tie_word_embeddings:
             raise HFCheckpointError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
-        _copy(model.lm_head.weight, vocab_shard(r.get(head_name), model.padded_vocab, tp, rank), head_name)
+        _copy(model.lm_head.weight, vocab_rows(head_name), head_name)
 
 
-__all__ = [
-    "HFCheckpointError", "SafetensorsDir", "column_shard", "gate_up_shard", "load_hf_llama",
-    "model_config_from_hf", "qkv_shard", "read_hf_config",
-]
+__all__ = ["HFCheckpointError", "SafetensorsDir", "load_hf_llama", "model_config_from_hf", "read_hf_config"]

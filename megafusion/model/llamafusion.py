@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -121,6 +122,12 @@ class LlamaFusion(nn.Module):
             self.image_out = image_out.to(device=device, dtype=dtype)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
         self.input_tensor: Optional[torch.Tensor] = None
+        # megatron-core allocates its shards on the GPU itself; routed norms, buffers and the
+        # replicated modules follow them there (a no-op on CPU).
+        self.to(device)
+        for lin in (getattr(self, "embedding", None), getattr(self, "lm_head", None)):
+            if lin is not None and not hasattr(lin.weight, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(lin.weight, True, 0, 1)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -284,6 +291,9 @@ class LlamaFusion(nn.Module):
         if check:
             img = self.cfg.image
             batch.check(img.tokens_per_image, (img.latent_channels, img.latent_size, img.latent_size))
+        b, s = batch.input_ids.shape
+        if self.pctx.sequence_parallel and s % self.pctx.tp_size:
+            raise ValueError(f"sequence length {s} must be divisible by TP={self.pctx.tp_size} under sequence parallelism")
         state = self.prepare(batch)
         x, skips = self.embed(batch, state)
         x = self.run_layers(x, state)
@@ -298,6 +308,11 @@ class LlamaFusion(nn.Module):
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size:
             raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size}); got [{int(input_ids.min())}, {int(input_ids.max())}]")
         b, s = input_ids.shape
+        if self.pctx.sequence_parallel and s % self.pctx.tp_size:
+            raise ValueError(
+                f"sequence length {s} must be divisible by the tensor-parallel size {self.pctx.tp_size} "
+                "under sequence parallelism (pad the input)"
+            )
         batch = FusionBatch.text_only(input_ids)
         batch.position_ids = position_ids
         state = self.prepare(batch)

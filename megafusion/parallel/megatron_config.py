@@ -46,6 +46,10 @@ def megatron_transformer_config(
         gated_linear_unit=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        # Batched isend/irecv is only safe with NCCL's grouped semantics: with gloo, and PP=2
+        # (prev rank == next rank), an activation and a gradient of equal shape can be matched
+        # to the wrong receive. The unbatched path orders sends/receives by rank parity.
+        batch_p2p_comm=torch.cuda.is_available(),
     )
 
 

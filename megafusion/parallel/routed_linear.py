@@ -11,8 +11,9 @@ routed projection needs exactly one collective over the *whole* sequence, like
 an unrouted one. Under sequence parallelism the modality groups do not line up
 with the sequence shards, so gather/reduce-scatter must run on the merged
 sequence; the two tower shards are then applied as local matmuls on their
-gathered rows. Without sequence parallelism the input copy (all-reduce of the
-input gradient in backward) and the output all-reduce are applied once too.
+gathered rows. Without sequence parallelism the output all-reduce runs once on
+the merged rows; the input copy (all-reduce of the input gradient in backward)
+runs once per modality part, the same bytes as one all-reduce of the sequence.
 The towers' ``_forward_impl`` is not used because DeepSpeed, not megatron's
 ``main_grad`` fusion, owns gradient accumulation here; plain ``F.linear``
 lets autograd skip weight gradients of frozen (text) shards entirely.

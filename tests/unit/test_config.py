@@ -105,4 +105,4 @@ def test_validation_messages(overrides, world, msg):
 
 def test_valid_layout_passes_with_world_size():
     cfg = load_config("llama3-70b-fusion")
-    assert config_problems(cfg, world_size=8 * 4 * 48) == []
+    assert config_problems(cfg, world_size=8 * 4 * 32) == []
