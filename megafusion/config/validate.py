@@ -101,6 +101,13 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
                 f"interleaved pipelining needs micro-batches per step ({d.global_batch_size // (d.micro_batch_size * dp)}"
                 f" = data.global_batch_size / (data.micro_batch_size x DP)) divisible by parallel.pipeline_parallel={pp}"
             )
+        if (p.zero_stage == 2 and dp > 0 and d.global_batch_size != d.micro_batch_size * dp
+                and d.global_batch_size % (d.micro_batch_size * dp) == 0):
+            errs.append(
+                f"parallel.zero_stage=2 needs one micro-batch per step (data.global_batch_size="
+                f"{d.global_batch_size} = data.micro_batch_size={d.micro_batch_size} x DP={dp}): DeepSpeed's "
+                "stage-2 gradient hooks cannot accumulate over megatron-core's micro-batches; use zero_stage=1"
+            )
         if p.data_parallel != -1 and tp * pp * dp != world_size:
             errs.append(
                 f"world size {world_size} != parallel.tensor_parallel={tp} x "

@@ -1,0 +1,80 @@
+"""Trainer behaviour on one spawned rank: learning on a repeated batch, skipping non-finite steps."""
+
+import pytest
+import torch
+
+from tests.helpers import run_distributed
+
+BASE = ["data.seq_length=64", "data.micro_batch_size=1", "data.global_batch_size=2", "optim.warmup_steps=1",
+        "optim.lr=3e-3", "logging.tensorboard=false", "checkpoint.interval=1", "optim.max_consecutive_nonfinite=2"]
+
+
+def _trainer(run_dir, hf_dir):
+    from megafusion.config import load_config
+    from megafusion.parallel.process_groups import init_model_parallel
+    from megafusion.training.trainer import Trainer
+
+    cfg = load_config("tiny", BASE + [f"logging.run_dir={run_dir}"])
+    init_model_parallel(1, 1)
+    return Trainer(cfg, hf_dir, log=lambda s: None)
+
+
+def _repeated_batch_worker(rank, world, run_dir, hf_dir):
+    trainer = _trainer(run_dir, hf_dir)
+    fixed = trainer.stream.item
+    trainer.stream.item = lambda step, micro: fixed(0, micro)  # the same batch every step
+    history = trainer.run(10)
+    return {"losses": torch.tensor([h.loss for h in history])}
+
+
+def _nonfinite_worker(rank, world, run_dir, hf_dir):
+    from megafusion.training.checkpointing import latest_checkpoint
+    from megafusion.training.trainer import NonFiniteError
+
+    trainer = _trainer(run_dir, hf_dir)
+    trainer.run(2)  # two good steps, checkpoints at 1 and 2
+    before = {n: p.detach().clone() for n, p in trainer.engine.module.named_parameters() if p.requires_grad}
+    good = trainer.stream.item
+
+    def poisoned(step, micro):
+        item = good(step, micro)
+        item.batch.latents[0, 0, 0, 0] = float("nan")
+        return item
+
+    trainer.stream.item = poisoned
+    raised = ""
+    try:
+        trainer.run(10)
+    except NonFiniteError as exc:
+        raised = str(exc)
+    unchanged = all(torch.equal(before[n], p) for n, p in trainer.engine.module.named_parameters() if p.requires_grad)
+    latest = latest_checkpoint(trainer.save_dir)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(latest / "model" / "tp0_pp0.safetensors"))
+    ckpt_good = all(torch.equal(saved[n], before[n]) for n in before)
+    return {"ckpt_good": torch.tensor(ckpt_good),"raised": torch.tensor(len(raised) > 0 and "optim.max_consecutive_nonfinite=2" in raised),
+            "skipped": torch.tensor(trainer.skipped), "unchanged": torch.tensor(unchanged),
+            "latest_step": torch.tensor(int(latest.name.split("_")[1]))}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
+    from megafusion.config import load_config
+
+    return str(write_random_hf_llama(load_config("tiny").model, tmp_path_factory.mktemp("b") / "llama", seed=7))
+
+
+def test_loss_goes_down_on_a_repeated_batch(base, tmp_path):
+    losses = run_distributed(_repeated_batch_worker, 1, str(tmp_path), base)[0]["losses"]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_nonfinite_steps_are_skipped_then_stop(base, tmp_path):
+    r = run_distributed(_nonfinite_worker, 1, str(tmp_path), base)[0]
+    assert r["raised"].item()
+    assert r["skipped"].item() == 2
+    assert r["unchanged"].item()  # skipped steps never touched the weights
+    # `latest` holds good weights: the poisoned steps never reached a checkpoint (step 2, or step 3 = skipped)
+    assert r["latest_step"].item() in (2, 3) and r["ckpt_good"].item()
