@@ -59,6 +59,7 @@ def main() -> None:
     hf_dir = write_random_hf_llama(cfg.model, tmp / "llama", seed=0)
     init_model_parallel(1, 1)
     trainer = Trainer(cfg, str(hf_dir), log=lambda s: None)
+    trainer.stream.caption_len = (48, 80)  # about half text, half image tokens
     item = trainer.stream.item(0, 0)
     img_share = float((item.batch.image_ids >= 0).float().mean())
 

@@ -31,10 +31,11 @@ class SyntheticStream:
     def __init__(self, cfg: Config, dp_rank: int, device: torch.device):
         self.cfg, self.dp_rank, self.device = cfg, dp_rank, device
         self.schedule = CosineSchedule(cfg.diffusion.num_timesteps)
+        self.caption_len = (4, 12)  # [min, max) caption tokens of a synthetic document
 
     def item(self, step: int, micro: int) -> TrainItem:
         seed = ((self.cfg.seed * 1_000_003 + step) * 4099 + micro) * 131 + self.dp_rank
-        clean = synthetic_batch(self.cfg, seed=seed)
+        clean = synthetic_batch(self.cfg, seed=seed, caption_len=self.caption_len)
         g = torch.Generator().manual_seed(seed + 17)
         noise = torch.randn(clean.latents.shape, generator=g)
         noisy = self.schedule.add_noise(clean.latents, noise, clean.timesteps)

@@ -15,7 +15,9 @@ from megafusion.config.schema import Config
 from megafusion.model.batch import FusionBatch
 
 
-def synthetic_batch(cfg: Config, seed: int, batch_size: int | None = None) -> FusionBatch:
+def synthetic_batch(
+    cfg: Config, seed: int, batch_size: int | None = None, caption_len: tuple[int, int] = (4, 12)
+) -> FusionBatch:
     m, img = cfg.model, cfg.model.image
     b = batch_size or cfg.data.micro_batch_size
     s = cfg.data.seq_length
@@ -31,7 +33,7 @@ def synthetic_batch(cfg: Config, seed: int, batch_size: int | None = None) -> Fu
     for row in range(b):
         cur, d = 0, 0
         while cur < s:
-            cap = int(torch.randint(4, 12, (1,), generator=g))
+            cap = int(torch.randint(caption_len[0], caption_len[1], (1,), generator=g))
             if bool(torch.rand((), generator=g) < cfg.diffusion.caption_dropout):
                 cap = 0  # caption dropped: the image is learned unconditionally (classifier-free guidance)
             need = cap + T + 2

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -122,6 +123,7 @@ class LlamaFusion(nn.Module):
             self.image_out = image_out.to(device=device, dtype=dtype)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
         self.input_tensor: Optional[torch.Tensor] = None
+        self.activation_checkpointing = False
         # megatron-core allocates its shards on the GPU itself; routed norms, buffers and the
         # replicated modules follow them there (a no-op on CPU).
         self.to(device)
@@ -235,7 +237,11 @@ class LlamaFusion(nn.Module):
 
     def run_layers(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         for layer in self.layers.values():
-            x = layer(x, state.inputs)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # recompute the layer in backward (its TP collectives run again, on every rank alike)
+                x = torch.utils.checkpoint.checkpoint(layer, x, state.inputs, use_reentrant=False)
+            else:
+                x = layer(x, state.inputs)
         return x
 
     def _post_inputs(self, x: torch.Tensor, routes: Routes) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

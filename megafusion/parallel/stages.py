@@ -123,6 +123,7 @@ def build_stage_models(cfg: Config, hf_dir: str, pctx: ParallelContext) -> list[
         load_hf_llama(core, hf_dir)
         core.init_image_tower_from_text()
         core.freeze_text_tower()
+        core.activation_checkpointing = cfg.parallel.activation_checkpointing
         if vpp > 1:
             core.config.virtual_pipeline_model_parallel_size = vpp
         stage = StageModule(core, cfg, with_replica=last and not first and mcfg.image.io == "unet")

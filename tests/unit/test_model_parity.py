@@ -81,10 +81,6 @@ def test_image_tower_changes_never_touch_text_outputs(tiny_hf):
                 p.add_(torch.randn_like(p))
         after = m.text_logits(ids)
     assert torch.equal(before, after)
-    # ...while image-side changes do change mixed-sequence outputs
-    b = mixed_batch(300)
-    out = m(b)
-    assert torch.isfinite(out.lm_loss)
 
 
 def test_text_tower_gets_no_gradient_image_side_does(tiny_hf):
@@ -143,3 +139,45 @@ def test_bad_batches_are_named(model):
         model.text_logits(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="must lie in"):
         model.text_logits(torch.tensor([[5, 300]]))
+
+
+def test_activation_checkpointing_gives_same_gradients(tiny_hf):
+    grads = []
+    for ckpt in (False, True):
+        m = LlamaFusion.from_hf_llama(str(tiny_hf), image=TINY_IMAGE)
+        m.activation_checkpointing = ckpt
+        b = mixed_batch(300)
+        out = m(b)
+        (out.lm_loss + out.image_pred.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_each_token_uses_its_own_tower(tiny_hf):
+    """Perturbing the image tower changes image positions and later text, never text before the first image."""
+    m = LlamaFusion.from_hf_llama(str(tiny_hf), image=TINY_IMAGE)
+    b = mixed_batch(300)
+    emb = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = m.forward_embeddings(emb, b.image_ids, b.position_ids, b.document_ids)
+        for mod in m.routed_modules():
+            mod.image.weight.mul_(1.5)
+        after = m.forward_embeddings(emb, b.image_ids, b.position_ids, b.document_ids)
+    assert torch.equal(before[0, :5], after[0, :5])  # row 0: text before its image at 5
+    assert torch.equal(before[1, :2], after[1, :2])  # row 1: text before its image at 2
+    assert (before[0, 5:21] - after[0, 5:21]).abs().min() > 0  # every image token changed
+    assert (before[1, 21:26] - after[1, 21:26]).abs().max() > 0  # text after an image sees it
+
+
+def test_image_predictions_follow_their_own_image(tiny_hf):
+    """Changing the last image's latents changes its prediction only (earlier images, other rows untouched)."""
+    m = LlamaFusion.from_hf_llama(str(tiny_hf), image=TINY_IMAGE)
+    b = mixed_batch(300)
+    with torch.no_grad():
+        p1 = m(b).image_pred
+        b.latents[2] += 1.0
+        p2 = m(b).image_pred
+    assert torch.equal(p1[0], p2[0]) and torch.equal(p1[1], p2[1])
+    assert (p1[2] - p2[2]).abs().max() > 1e-3
