@@ -45,20 +45,16 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        init_method = "env://"
-    else:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        init_method = "env://"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(
-        backend=backend, init_method=init_method, timeout=datetime.timedelta(minutes=timeout_minutes)
-    )
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+    else:  # one process: a private store, without leaking rendezvous variables to child processes
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
+        dist.init_process_group(
+            backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+        )
 
 
 def init_model_parallel(

@@ -10,11 +10,18 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def _clean_env() -> dict:
+    """The test process's environment without rendezvous variables (a child picks its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
 def _run(cmd, timeout=300):
     """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = _clean_env()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -40,13 +47,17 @@ def test_unknown_key_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_tp2_smoke_run(tmp_path):
+def test_torchrun_tp2_sp_training_run(tmp_path):
     run_dir = tmp_path / "run"
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
               "-m", "launcher.train", "--config", "tiny", "parallel.tensor_parallel=2",
-              "parallel.sequence_parallel=true", f"logging.run_dir={run_dir}", "--steps", "4"])
+              "parallel.sequence_parallel=true", f"logging.run_dir={run_dir}", "optim.train_steps=4",
+              "data.global_batch_size=4"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "step     4/4" in r.stdout and "lm_loss" in r.stdout and "diffusion_loss" in r.stdout
+    assert "step      4/4" in r.stdout and "lm_loss" in r.stdout and "diffusion_loss" in r.stdout
+    assert "mfu" in r.stdout and "tok/s" in r.stdout
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["parallel"]["tensor_parallel"] == 2 and resolved["parallel"]["sequence_parallel"] is True
     assert (run_dir / "base_llama" / "model.safetensors").is_file()

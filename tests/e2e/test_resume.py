@@ -13,6 +13,13 @@ import pytest
 from megafusion.training.checkpointing import CheckpointError, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def _clean_env() -> dict:
+    """The test process's environment without rendezvous variables (a child picks its own)."""
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 ARGS = ["--config", "tiny", "data.seq_length=64", "data.micro_batch_size=1", "data.global_batch_size=2",
         "optim.warmup_steps=1000", "optim.lr=0.1", "logging.tensorboard=false", "checkpoint.interval=1"]
 # warmup longer than any run here: the LR of a step does not depend on optim.train_steps
@@ -24,7 +31,7 @@ def _cmd(run_dir: Path, steps: int, base: Path) -> list[str]:
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return _clean_env()
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
