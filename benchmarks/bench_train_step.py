@@ -65,7 +65,7 @@ def main() -> None:
 
     dense = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa")
     dense.train()
-    dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    dense_opt = torch.optim.AdamW(dense.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     ids = torch.randint(0, args.vocab - 2, (args.micro, args.seq))
 
     def dense_step():

@@ -105,7 +105,7 @@ def build_engine(models, cfg: Config):
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     opt = torch.optim.AdamW(
         param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-        fused=torch.cuda.is_available(),
+        fused=True,  # one kernel per tensor on CUDA and CPU (torch >= 2.4)
     )
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, config=deepspeed_config(cfg, bf16), mpu=MegatronMpu(),

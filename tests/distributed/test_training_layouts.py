@@ -78,8 +78,9 @@ def reference(tiny_base, tmp_path_factory):
 @pytest.mark.parametrize("world,overrides", [
     (2, ["parallel.pipeline_parallel=2"]),
     (2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2"]),
-    (4, ["parallel.pipeline_parallel=2", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
-], ids=["pp2", "pp2_vpp2", "tp2_pp2_sp"])
+    (4, ["parallel.pipeline_parallel=2", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+         "parallel.activation_checkpointing=true"]),
+], ids=["pp2", "pp2_vpp2", "tp2_pp2_sp_ckpt"])
 def test_layout_matches_single_rank(tiny_base, reference, tmp_path, world, overrides):
     results = run_distributed(_train_worker, world, overrides, tiny_base, str(tmp_path))
     last = results[-1]  # the last pipeline stage reports the losses; all ranks agree after reduction
