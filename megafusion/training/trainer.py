@@ -56,6 +56,7 @@ class Trainer:
         d = cfg.data
         self.num_micro = d.global_batch_size // (d.micro_batch_size * self.dp_size)
         device = next(self.models[0].parameters()).device
+        self.device = device  # small collectives (flags, losses) live here: NCCL only takes CUDA tensors
         self.stream = SyntheticStream(cfg, self.dp_rank, device)
         self.step = 0
         self.skipped = 0
@@ -83,7 +84,7 @@ class Trainer:
             signal.signal(sig, handler)
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -185,27 +186,26 @@ class Trainer:
         return self.cfg.data.seq_length
 
     def _grads_finite(self) -> bool:
-        bad = torch.zeros(1)
-        for p in self.trainable_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                bad[0] = 1.0
-                break
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        # one fused reduction instead of a host sync per tensor; inf/nan anywhere makes the sum non-finite
+        total = torch.stack([g.float().abs().sum() for g in grads]).sum() if grads else torch.zeros(())
+        bad = (~torch.isfinite(total)).float().reshape(1).to(self.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0.0
 
     def _reduce_losses(self, reduced: list) -> list[float]:
         """Mean of (loss, lm_loss, diffusion_loss) over micro-batches and DP ranks, known on every rank."""
-        vals = torch.zeros(3, dtype=torch.float64)
+        vals = torch.zeros(3, dtype=torch.float64, device=self.device)
         if reduced:
             for r in reduced:
-                vals += torch.stack([r["loss"], r["lm_loss"], r["diffusion_loss"]]).double().cpu()
+                vals += torch.stack([r["loss"], r["lm_loss"], r["diffusion_loss"]]).double().to(self.device)
             vals /= len(reduced)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             # only the last stage has losses: sum over the pipeline group moves them to every stage
             dist.all_reduce(vals, group=ps.get_pipeline_model_parallel_group())
         dist.all_reduce(vals, group=ps.get_data_parallel_group())
         vals /= self.dp_size
-        return vals.tolist()
+        return vals.cpu().tolist()
 
     def _stats(self, losses: list[float], grad_norm: float, lr: float, dt: float, items) -> StepStats:
         cfg = self.cfg
