@@ -143,7 +143,9 @@ class DataConfig:
     caption_first_prob: float = 0.8
     """Probability an image-caption pair is laid out caption-first."""
     num_workers: int = 2
-    """DataLoader workers per rank."""
+    """DataLoader workers per rank (the batch order depends on it: keep it across resumes)."""
+    shuffle_buffer: int = 1000
+    """Samples held by each worker's shuffle buffer."""
 
 
 @dataclass

@@ -43,3 +43,38 @@ class SyntheticStream:
 
     def iterator(self, step: int, num_micro: int):
         return iter([self.item(step, m) for m in range(num_micro)])
+
+
+class LoaderStream:
+    """Packed micro-batches from latent shards (``data.path``), noised like :class:`SyntheticStream`.
+
+    Position = micro-batches this DP rank has consumed; ``item(step, micro)`` reads
+    position ``step * micro_batches_per_step + micro``. Jumping elsewhere (a resume)
+    restarts the loader at that position: it skips exactly the consumed batches.
+    """
+
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, device: torch.device, micro_per_step: int):
+        self.cfg, self.dp_rank, self.dp_size, self.device = cfg, dp_rank, dp_size, device
+        self.micro_per_step = micro_per_step
+        self.schedule = CosineSchedule(cfg.diffusion.num_timesteps)
+        self.position = 0
+        self._it = None
+
+    def item(self, step: int, micro: int) -> TrainItem:
+        from megafusion.data.loader import make_loader
+
+        want = step * self.micro_per_step + micro
+        if want != self.position or self._it is None:
+            self.position = want
+            self._it = iter(make_loader(self.cfg, self.dp_rank, self.dp_size, start_batch=want))
+        clean = next(self._it)
+        self.position += 1
+        seed = ((self.cfg.seed * 1_000_003 + step) * 4099 + micro) * 131 + self.dp_rank
+        g = torch.Generator().manual_seed(seed)
+        n = clean.num_images
+        if n == 0:
+            return TrainItem(clean.to(self.device), torch.zeros(0))
+        t = torch.randint(0, self.cfg.diffusion.num_timesteps, (n,), generator=g)
+        noise = torch.randn(clean.latents.shape, generator=g)
+        noisy = self.schedule.add_noise(clean.latents, noise, t)
+        return TrainItem(replace(clean, latents=noisy, timesteps=t).to(self.device), noise.to(self.device))

@@ -33,6 +33,8 @@ class FusionBatch:
     """[b, s] next-token target of each position (any value where loss_mask is 0)."""
     loss_mask: Optional[torch.Tensor] = None
     """[b, s] 1.0 where the LM loss counts (text positions only; not on the token predicting <BOI>)."""
+    sample_keys: Optional[list] = None
+    """Provenance of each image (source shard#key), in image order; not used by the model."""
 
     @staticmethod
     def text_only(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> "FusionBatch":

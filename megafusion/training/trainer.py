@@ -23,7 +23,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megafusion.config.schema import Config
-from megafusion.data.stream import SyntheticStream, TrainItem
+from megafusion.data.stream import LoaderStream, SyntheticStream, TrainItem
 from megafusion.parallel.grads import allreduce_sequence_parallel_grads
 from megafusion.parallel.process_groups import ParallelContext
 from megafusion.parallel.stages import broadcast_replica_weights, build_stage_models, sync_replica_grads
@@ -57,7 +57,10 @@ class Trainer:
         self.num_micro = d.global_batch_size // (d.micro_batch_size * self.dp_size)
         device = next(self.models[0].parameters()).device
         self.device = device  # small collectives (flags, losses) live here: NCCL only takes CUDA tensors
-        self.stream = SyntheticStream(cfg, self.dp_rank, device)
+        if cfg.data.path:
+            self.stream = LoaderStream(cfg, self.dp_rank, self.dp_size, device, self.num_micro)
+        else:  # no data configured: synthetic packed batches of the same form
+            self.stream = SyntheticStream(cfg, self.dp_rank, device)
         self.step = 0
         self.skipped = 0
         self.nonfinite_run = 0
@@ -105,7 +108,9 @@ class Trainer:
     def save(self) -> Path:
         path = save_checkpoint(
             self.save_dir, self.step, self.engine.module, self.optimizer, self.cfg,
-            {"data_position": {"step": self.step, "micro_batches_per_step": self.num_micro},
+            {"data_position": {"step": self.step, "micro_batches_per_step": self.num_micro,
+                               "consumed_micro_batches_per_dp_rank": self.step * self.num_micro,
+                               "path": self.cfg.data.path, "num_workers": self.cfg.data.num_workers},
              "skipped_steps": self.skipped, "frozen_source": self.hf_dir},
             keep=self.cfg.checkpoint.keep,
         )
@@ -119,6 +124,17 @@ class Trainer:
         if path is None:
             return False
         meta = load_checkpoint(path, self.engine.module, self.optimizer)
+        pos = meta.get("data_position", {})
+        if self.cfg.data.path and pos.get("num_workers", self.cfg.data.num_workers) != self.cfg.data.num_workers:
+            raise ValueError(
+                f"{path}: saved with data.num_workers={pos['num_workers']}, this run has "
+                f"data.num_workers={self.cfg.data.num_workers}; the batch order depends on it, keep it equal"
+            )
+        if pos.get("micro_batches_per_step", self.num_micro) != self.num_micro:
+            raise ValueError(
+                f"{path}: saved with {pos['micro_batches_per_step']} micro-batches per step and DP rank, this run "
+                f"has {self.num_micro} (data.global_batch_size / data.micro_batch_size / DP must stay equal)"
+            )
         self.step = int(meta["step"])
         self.skipped = int(meta.get("skipped_steps", 0))
         self.log(f"[train] resumed from {path} at step {self.step}")

@@ -1,0 +1,228 @@
+"""Offline VAE-latent caching: image-caption webdataset shards -> latent shards, on Ray.
+
+One input shard is one unit of work and produces exactly one output shard,
+``latents-NNNNNN.tar``, written to a temporary name and renamed when complete;
+its completion record ``latents-NNNNNN.tar.done.json`` (the counts) is written
+last. A rerun skips shards with a record and redoes any other, so a worker that
+dies mid-shard loses nothing and duplicates nothing.
+
+Shards are read with ``tarfile`` and decoded by explicit handlers only (PIL
+for images, UTF-8 for captions, ``json.loads`` for metadata): nothing read from
+a shard is ever unpickled. Output samples hold ``npy`` (float16 latent
+[C, h, w], ``numpy.save`` format, loaded with ``allow_pickle=False``), ``txt``
+(caption) and ``json`` (source shard, key and image size).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+import time
+import warnings
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+SKIP_REASONS = ("missing_image", "missing_caption", "corrupt_image", "truncated_image", "too_small",
+                "decompression_bomb", "truncated_shard")
+
+
+class BadSample(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class CacheOptions:
+    resolution: int = 256
+    batch_size: int = 16
+    min_size: int = 16
+    """Images whose shorter side is below this many pixels are skipped (too_small)."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels than this are skipped unread (decompression_bomb)."""
+    sample: bool = False
+    """Sample the latent distribution (seeded per sample) instead of taking its mode."""
+    seed: int = 0
+
+
+def expand_inputs(pattern: str) -> list[str]:
+    """Brace patterns (``shard-{000000..000127}.tar``), globs and fsspec URLs -> sorted shard list."""
+    from braceexpand import braceexpand
+
+    urls: list[str] = []
+    for part in braceexpand(pattern):
+        if "://" in part and not part.startswith("file://"):
+            urls.append(part)
+            continue
+        local = part[len("file://"):] if part.startswith("file://") else part
+        if any(ch in local for ch in "*?["):
+            urls.extend(sorted(glob.glob(local)))
+        elif os.path.exists(local):
+            urls.append(local)
+        else:
+            raise FileNotFoundError(f"--input {pattern!r}: shard {local!r} does not exist")
+    if not urls:
+        raise FileNotFoundError(f"--input {pattern!r} matches no shard")
+    return urls
+
+
+def iter_tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample, in archive order; raises BadSample('truncated_shard') on a cut archive."""
+    import fsspec
+
+    current, parts = None, {}
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                if "." not in base:
+                    continue
+                key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
+                ext = base.split(".", 1)[1].lower()
+                data = tar.extractfile(member).read()
+                if key != current:
+                    if current is not None:
+                        yield current, parts
+                    current, parts = key, {}
+                parts[ext] = data
+    except (tarfile.ReadError, EOFError, OSError) as exc:
+        if current is not None:
+            yield current, parts
+        raise BadSample("truncated_shard") from exc
+    if current is not None:
+        yield current, parts
+
+
+def decode_image(data: bytes, opts: CacheOptions):
+    """PIL image in RGB, or BadSample naming why not. The size is checked before pixels are decoded."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            if im.width * im.height > opts.max_pixels:
+                raise BadSample("decompression_bomb")
+            im.load()
+    except BadSample:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadSample("decompression_bomb") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadSample("truncated_image" if "truncated" in str(exc).lower() else "corrupt_image") from None
+    if min(im.size) < opts.min_size:
+        raise BadSample("too_small")
+    return im.convert("RGB")
+
+
+def preprocess(im, resolution: int) -> torch.Tensor:
+    """Center-crop to a square, resize (bicubic) to ``resolution``, scale to [-1, 1]: [3, R, R] float32."""
+    from PIL import Image
+
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # [R, R, 3]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # [3, R, R]
+
+
+def load_vae(vae_dir: str, device: torch.device):
+    from diffusers import AutoencoderKL
+
+    if not Path(vae_dir, "config.json").is_file():
+        raise FileNotFoundError(f"--vae {vae_dir!r}: no config.json (expected a diffusers AutoencoderKL directory)")
+    vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_images(vae, x: torch.Tensor, opts: CacheOptions, seeds: Optional[list[int]] = None) -> torch.Tensor:
+    """[n, 3, R, R] in [-1, 1] -> scaled latents [n, C, R/f, R/f]: (z - shift_factor) * scaling_factor."""
+    dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
+    if opts.sample:
+        noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(s))
+                             for s in (seeds or range(x.shape[0]))]).to(dist.mean)
+        z = dist.mean + dist.std * noise
+    else:
+        z = dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z.float() - shift) * vae.config.scaling_factor
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def done_record(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".done.json")
+
+
+def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions,
+                  crash_after: Optional[int] = None) -> dict:
+    """Encode one input shard into ``out_path`` atomically; return its counts (also written as the record)."""
+    import webdataset as wds
+
+    t0 = time.time()
+    counts: Counter = Counter()
+    out_path = Path(out_path)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    batch: list[tuple[str, torch.Tensor, str, dict]] = []
+    writer = wds.TarWriter(str(tmp))
+
+    def flush():
+        if not batch:
+            return
+        x = torch.stack([b[1] for b in batch])
+        seeds = [opts.seed * 1_000_003 + zlib.crc32(b[0].encode()) for b in batch]
+        lat = encode_images(vae, x, opts, seeds).cpu().numpy().astype(np.float16)
+        for (key, _, caption, meta), z in zip(batch, lat):
+            writer.write({"__key__": key, "npy": _npy_bytes(z), "txt": caption, "json": json.dumps(meta)})
+            counts["out"] += 1
+        batch.clear()
+
+    try:
+        for key, parts in iter_tar_groups(in_url):
+            counts["in"] += 1
+            if crash_after is not None and counts["in"] > crash_after:
+                os._exit(17)  # fault injection for tests: the worker dies mid-shard
+            try:
+                ext = next((e for e in IMAGE_EXTS if e in parts), None)
+                if ext is None:
+                    raise BadSample("missing_image")
+                caption = parts.get("txt", b"").decode("utf-8", errors="replace").strip()
+                if not caption:
+                    raise BadSample("missing_caption")
+                im = decode_image(parts[ext], opts)
+                meta = {"source_shard": in_url, "source_key": key, "width": im.width, "height": im.height}
+                batch.append((key, preprocess(im, opts.resolution), caption, meta))
+            except BadSample as bad:
+                counts["skipped/" + bad.reason] += 1
+                continue
+            if len(batch) >= opts.batch_size:
+                flush()
+    except BadSample as bad:  # the archive itself is cut: keep what was read, count the shard
+        counts["skipped/" + bad.reason] += 1
+    flush()
+    writer.close()
+    os.replace(tmp, out_path)
+    record = {"input": in_url, "output": out_path.name, "seconds": round(time.time() - t0, 3), **counts}
+    rec_path = done_record(out_path)
+    rec_tmp = rec_path.with_name(rec_path.name + ".tmp")
+    rec_tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    os.replace(rec_tmp, rec_path)
+    return record

@@ -1,0 +1,150 @@
+"""The Ray side of latent caching: encoder actors, shard scheduling, progress, the summary.
+
+Runs the same way locally (a local Ray started here), inside ``ray job submit``
+(``RAY_ADDRESS`` is set: connect to that cluster) and on a cluster brought up
+with ``ray up``/``ray submit`` (``--address auto``). Encoder actors take one GPU
+each when the cluster has GPUs, one CPU otherwise; shards are the units of work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from megafusion.data.latent_cache import CacheOptions, done_record, expand_inputs
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+
+
+class EncoderWorker:
+    """Holds one VAE; encodes whole shards. Wrapped with ``ray.remote`` by :func:`run`."""
+
+    def __init__(self, vae_dir: str, opts: dict, crash_after: Optional[int] = None):
+        import torch
+
+        from megafusion.data.latent_cache import load_vae
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)  # one CPU per actor
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.vae = load_vae(vae_dir, self.device)
+        self.opts = CacheOptions(**opts)
+        self.crash_after = crash_after
+
+    def process(self, in_url: str, out_path: str) -> dict:
+        from megafusion.data.latent_cache import process_shard
+
+        return process_shard(self.vae, in_url, Path(out_path), self.opts, self.crash_after)
+
+
+def plan(inputs: list[str], out_dir: Path) -> list[tuple[str, Path]]:
+    """Input shard -> output shard, fixed by a manifest so reruns map shards identically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = [(url, out_dir / f"latents-{i:06d}.tar") for i, url in enumerate(inputs)]
+    manifest = out_dir / MANIFEST
+    mapping = {str(p.name): url for url, p in pairs}
+    if manifest.is_file():
+        old = json.loads(manifest.read_text())["shards"]
+        if old != mapping:
+            raise ValueError(
+                f"{manifest} was written for different inputs ({len(old)} shards); "
+                "use a new --output directory for a different --input"
+            )
+    else:
+        tmp = manifest.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"shards": mapping}, indent=1, sort_keys=True))
+        os.replace(tmp, manifest)
+    return pairs
+
+
+def summarize(out_dir: Path, seconds: float, this_run: int) -> dict:
+    totals: dict = {"shards_done": 0, "in": 0, "out": 0, "skipped": {}}
+    for rec_path in sorted(out_dir.glob("*.done.json")):
+        rec = json.loads(rec_path.read_text())
+        totals["shards_done"] += 1
+        totals["in"] += rec.get("in", 0)
+        totals["out"] += rec.get("out", 0)
+        for k, v in rec.items():
+            if k.startswith("skipped/"):
+                reason = k.split("/", 1)[1]
+                totals["skipped"][reason] = totals["skipped"].get(reason, 0) + v
+    totals["shards_total"] = len(json.loads((out_dir / MANIFEST).read_text())["shards"])
+    totals["seconds_this_run"] = round(seconds, 2)
+    totals["shards_this_run"] = this_run
+    tmp = out_dir / (SUMMARY + ".tmp")
+    tmp.write_text(json.dumps(totals, indent=1, sort_keys=True))
+    os.replace(tmp, out_dir / SUMMARY)
+    return totals
+
+
+def run(input_pattern: str, output: str, vae_dir: str, opts: CacheOptions, num_workers: int,
+        address: Optional[str] = None, max_retries: int = 1, crash_after: Optional[int] = None,
+        log=print) -> dict:
+    """Encode every not-yet-done shard; returns the summary. Raises if shards still failed after retries."""
+    import ray
+    from tqdm import tqdm
+
+    out_dir = Path(output).resolve()
+    pairs = plan(expand_inputs(input_pattern), out_dir)
+    todo = [(u, p) for u, p in pairs if not done_record(p).is_file()]
+    log(f"[precompute] {len(pairs)} input shards, {len(pairs) - len(todo)} already done, {len(todo)} to encode")
+    t0 = time.time()
+    if not todo:
+        return summarize(out_dir, 0.0, 0)
+
+    if not ray.is_initialized():
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address or None, log_to_driver=False)
+        else:
+            ray.init(num_cpus=max(num_workers, 1), include_dashboard=False, log_to_driver=False)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    resources = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
+    n = max(1, min(num_workers, len(todo)))
+    Remote = ray.remote(EncoderWorker)
+    opts_d = asdict(opts)
+
+    def new_actor():
+        return Remote.options(**resources).remote(vae_dir, opts_d, crash_after)
+
+    idle = [new_actor() for _ in range(n)]
+    queue = list(todo)
+    attempts: dict[str, int] = {}
+    running: dict = {}
+    failed: list[str] = []
+    images = 0
+    bar = tqdm(total=len(todo), unit="shard", desc="encoding", disable=None)
+    while queue or running:
+        while queue and idle:
+            url, out = queue.pop(0)
+            actor = idle.pop()
+            running[actor.process.remote(url, str(out))] = (actor, url, out)
+        ready, _ = ray.wait(list(running), num_returns=1)
+        ref = ready[0]
+        actor, url, out = running.pop(ref)
+        try:
+            rec = ray.get(ref)
+            images += rec.get("out", 0)
+            idle.append(actor)
+            bar.update(1)
+            bar.set_postfix(images_per_s=f"{images / max(time.time() - t0, 1e-6):.1f}")
+        except ray.exceptions.RayActorError:  # the worker process died: its shard is redone
+            attempts[url] = attempts.get(url, 0) + 1
+            log(f"[precompute] worker died while encoding {url} (attempt {attempts[url]})")
+            if attempts[url] <= max_retries:
+                queue.append((url, out))
+            else:
+                failed.append(url)
+            idle.append(new_actor())
+    bar.close()
+    summary = summarize(out_dir, time.time() - t0, len(todo) - len(failed))
+    log(f"[precompute] done: {summary['out']} latents from {summary['in']} samples, skipped {summary['skipped']}, "
+        f"{images / max(time.time() - t0, 1e-6):.1f} images/s this run; summary {out_dir / SUMMARY}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} shard(s) failed after {max_retries} retries ({failed[:3]}); "
+                           "rerun the same command to redo them")
+    return summary

@@ -1,0 +1,131 @@
+"""Documents -> fixed-length packed sequences in the form the model consumes (``FusionBatch``).
+
+A document is one image-caption pair (or one text-only sample), laid out as
+
+    caption-first :  <s> caption <BOI> image-tokens <EOI> </s>
+    image-first   :  <s> <BOI> image-tokens <EOI> caption </s>
+    text-only     :  <s> text </s>
+
+Several documents are packed greedily into one sequence of ``seq_length``;
+a document that does not fit in what is left starts the next sequence and the
+tail is padding (its own document, no loss). Loss is taken on text positions
+whose next token is text of the same document, except the one predicting
+<BOI> (the model does not learn to open an image; generation inserts it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megafusion.model.batch import FusionBatch
+
+
+@dataclass
+class Document:
+    tokens: list[int]
+    """Token ids; image positions hold ``image_token_placeholder`` (-1)."""
+    latent: Optional[np.ndarray] = None
+    """[C, h, w] clean latent of this document's image (None for text-only)."""
+    image_start: int = -1
+    """Index in ``tokens`` of the first image token."""
+    key: str = ""
+    """Provenance (source shard#key) of the image."""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class SpecialTokens:
+    bos: int
+    eos: int
+    pad: int
+    boi: int
+    eoi: int
+
+
+def make_document(caption_ids: list[int], latent: Optional[np.ndarray], tokens_per_image: int,
+                  sp: SpecialTokens, caption_first: bool, max_len: int) -> Document:
+    """Lay out one pair; the caption is cut if the whole document would exceed ``max_len``."""
+    if latent is None:
+        text = caption_ids[: max(0, max_len - 2)]
+        return Document([sp.bos, *text, sp.eos])
+    room = max_len - tokens_per_image - 4  # <s> <BOI> <EOI> </s>
+    if room < 0:
+        raise ValueError(
+            f"data.seq_length={max_len} cannot hold one image of {tokens_per_image} tokens plus 4 special tokens"
+        )
+    cap = caption_ids[:room]
+    image = [-1] * tokens_per_image
+    if caption_first:
+        toks = [sp.bos, *cap, sp.boi, *image, sp.eoi, sp.eos]
+        start = 2 + len(cap)
+    else:
+        toks = [sp.bos, sp.boi, *image, sp.eoi, *cap, sp.eos]
+        start = 2
+    return Document(toks, latent, start)
+
+
+@dataclass
+class Packer:
+    """Greedy packer: ``add`` documents, take full rows with ``pop_row``."""
+
+    seq_length: int
+    sp: SpecialTokens
+    rows: list[list[Document]] = field(default_factory=list)
+    current: list[Document] = field(default_factory=list)
+    used: int = 0
+
+    def add(self, doc: Document) -> None:
+        if self.used + len(doc) > self.seq_length:
+            self.rows.append(self.current)
+            self.current, self.used = [], 0
+        self.current.append(doc)
+        self.used += len(doc)
+
+    def ready(self) -> int:
+        return len(self.rows)
+
+    def pop_row(self) -> list[Document]:
+        return self.rows.pop(0)
+
+
+def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens) -> FusionBatch:
+    """Packed rows -> FusionBatch with ids, image/document/position ids, labels, loss mask, clean latents."""
+    b, s = len(rows), seq_length
+    ids = torch.full((b, s), sp.pad, dtype=torch.long)
+    image_ids = torch.full((b, s), -1, dtype=torch.long)
+    doc_ids = torch.zeros(b, s, dtype=torch.long)
+    pos = torch.zeros(b, s, dtype=torch.long)
+    latents: list[np.ndarray] = []
+    for r, row in enumerate(rows):
+        cur = 0
+        for d, doc in enumerate(row):
+            n = len(doc)
+            toks = torch.tensor(doc.tokens, dtype=torch.long)
+            is_img = toks < 0
+            ids[r, cur : cur + n] = torch.where(is_img, torch.zeros_like(toks), toks)
+            if doc.latent is not None:
+                image_ids[r, cur : cur + n][is_img] = len(latents)
+                latents.append(doc.latent)
+            doc_ids[r, cur : cur + n] = d
+            pos[r, cur : cur + n] = torch.arange(n)
+            cur += n
+        if cur < s:  # padding: one more document, causal over itself, no loss
+            doc_ids[r, cur:] = len(row)
+            pos[r, cur:] = torch.arange(s - cur)
+    is_text = image_ids < 0
+    labels = torch.roll(ids, -1, 1)
+    next_text = torch.roll(is_text, -1, 1)
+    same_doc = doc_ids == torch.roll(doc_ids, -1, 1)
+    not_pad = torch.zeros(b, s, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        not_pad[r, : sum(len(d) for d in row)] = True
+    loss_mask = is_text & next_text & same_doc & not_pad & (labels != sp.boi) & (ids != sp.eos)
+    loss_mask[:, -1] = False
+    lat = torch.from_numpy(np.stack(latents).astype(np.float32)) if latents else None
+    return FusionBatch(ids, image_ids, pos, doc_ids, lat, None, labels, loss_mask.float())
