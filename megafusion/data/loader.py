@@ -8,9 +8,9 @@ function of (data.path, seed, DP rank, DP size, data.num_workers, epoch), so
     enough of them, single samples otherwise);
   * a resumed run skips exactly the micro-batches already consumed
     (``start_batch``) and continues with the next one.
-Worker w of a rank produces that rank's micro-batches w, w + W, w + 2W, ...;
-``torch.utils.data.DataLoader`` returns workers' outputs round-robin, which
-restores the order.
+Logical worker w of a rank produces that rank's micro-batches w, w + W, w + 2W, ...;
+``torch.utils.data.DataLoader`` returns its worker processes' outputs round-robin,
+and process i plays logical worker (i + start_batch) % W, which restores the order.
 """
 
 from __future__ import annotations
@@ -136,6 +136,9 @@ class LatentSequenceDataset(IterableDataset):
     def __iter__(self) -> Iterator[FusionBatch]:
         info = get_worker_info()
         wid, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader hands out workers' outputs round-robin starting at process 0; process i plays
+        # logical worker (i + start) % W so the first batch out is global batch `start_batch`.
+        wid = (wid + self.start_batch) % workers
         slot, slots = self.dp_rank * workers + wid, self.dp_size * workers
         skip = len(range(wid, self.start_batch, workers))  # this worker's share of consumed batches
         for i, batch in enumerate(self.batches(slot, slots)):
