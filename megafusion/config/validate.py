@@ -116,8 +116,8 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     elif p.data_parallel < 1 and p.data_parallel != -1:
         errs.append(f"parallel.data_parallel={p.data_parallel} must be >= 1 or -1 (derived)")
 
-    if p.zero_stage not in (0, 1, 2):
-        errs.append(f"parallel.zero_stage={p.zero_stage} must be 0, 1 or 2")
+    if p.zero_stage not in (1, 2):
+        errs.append(f"parallel.zero_stage={p.zero_stage} must be 1 or 2")
     elif p.zero_stage == 2 and pp > 1:
         errs.append(
             f"parallel.zero_stage=2 is not supported with parallel.pipeline_parallel={pp} "
@@ -169,6 +169,10 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         errs.append(f"diffusion.schedule={cfg.diffusion.schedule!r}: only 'cosine' is implemented")
     if cfg.diffusion.prediction != "epsilon":
         errs.append(f"diffusion.prediction={cfg.diffusion.prediction!r}: only 'epsilon' is implemented")
+    if cfg.optim.clip_grad <= 0:
+        errs.append(
+            f"optim.clip_grad={cfg.optim.clip_grad} must be > 0 (the global grad norm also detects non-finite steps)"
+        )
     if not 0.0 <= cfg.diffusion.caption_dropout < 1.0:
         errs.append(f"diffusion.caption_dropout={cfg.diffusion.caption_dropout} must be in [0, 1)")
     if not 0.0 <= cfg.data.caption_first_prob <= 1.0:

@@ -83,7 +83,7 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
             "overlap_comm": False,
             "contiguous_gradients": True,
         },
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

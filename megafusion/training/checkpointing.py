@@ -10,8 +10,8 @@ Layout of one checkpoint ``<save>/step_00000100/``::
     rng/rank{r}.safetensors          torch CPU (and CUDA) generator states
 
 The frozen text tower is not copied into checkpoints: it is bit-identical to
-``checkpoint.hf_llama`` (recorded in meta.json with its file sizes) and is
-reloaded from there. Everything is written into ``step_XXXXXXXX.tmp`` first;
+``checkpoint.hf_llama`` (recorded in meta.json with its file sizes, checked on
+resume) and is reloaded from there. Everything is written into ``step_XXXXXXXX.tmp`` first;
 rank 0 renames the folder once every rank has finished and only then rewrites
 the ``latest`` pointer (via a temporary file and ``os.replace``), so a crash at
 any point leaves ``latest`` on the previous complete checkpoint.
@@ -62,6 +62,13 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def frozen_source_fingerprint(hf_dir: str | Path) -> dict[str, Any]:
+    """Path and file sizes of the HF directory the frozen text tower is reloaded from."""
+    files = {p.name: p.stat().st_size for p in sorted(Path(hf_dir).glob("*"))
+             if p.suffix in (".safetensors", ".json") and p.is_file()}
+    return {"path": str(hf_dir), "files": files}
+
+
 def latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
     """The complete checkpoint ``latest`` points to, or None."""
     pointer = Path(save_dir) / LATEST
@@ -84,10 +91,10 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, An
         state = inner.state.get(master, {})
         g: dict[str, Any] = {"numel": master.numel()}
         for key, val in state.items():
-            if torch.is_tensor(val) and val.numel() > 1:
+            if key == "step":
+                g["step"] = float(val)
+            elif torch.is_tensor(val):
                 tensors[f"group{i}.{key}"] = val.detach().contiguous()
-            else:
-                g[key] = float(val)
         meta["groups"].append(g)
     return tensors, meta
 
@@ -103,8 +110,8 @@ def save_checkpoint(
     rank = dist.get_rank()
     tp, pp, dp = _ranks()
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in save_dir.glob("step_*.tmp"):  # leftovers of saves that died
+            shutil.rmtree(stale, ignore_errors=True)
         for sub in ("model", "optim", "rng"):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -132,7 +139,8 @@ def save_checkpoint(
         os.replace(pointer_tmp, save_dir / LATEST)
         done = sorted(p for p in save_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:  # never the folder `latest` now points to
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
@@ -171,7 +179,10 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
     except FileNotFoundError as exc:
         raise CheckpointError(f"{stem}.*: optimizer partition missing ({exc})") from None
     load_zero_partition(optimizer, otensors, ometa, str(stem))
-    rng = load_file(str(path / "rng" / f"rank{dist.get_rank()}.safetensors"))
+    rng_file = path / "rng" / f"rank{dist.get_rank()}.safetensors"
+    if not rng_file.is_file():
+        raise CheckpointError(f"{rng_file} missing (saved with {meta.get('world_size')} ranks?)")
+    rng = load_file(str(rng_file))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -185,6 +196,8 @@ def load_zero_partition(optimizer, tensors: dict[str, torch.Tensor], meta: dict[
     if len(meta["groups"]) != len(groups):
         raise CheckpointError(f"{where}: {len(meta['groups'])} optimizer groups saved, this run has {len(groups)}")
     for i, master in enumerate(groups):
+        if f"group{i}.master" not in tensors:
+            raise CheckpointError(f"{where}: group {i} has no saved fp32 partition")
         saved = tensors[f"group{i}.master"]
         if saved.shape != master.shape:
             raise CheckpointError(
@@ -197,7 +210,7 @@ def load_zero_partition(optimizer, tensors: dict[str, torch.Tensor], meta: dict[
         for key in ("exp_avg", "exp_avg_sq"):
             if f"group{i}.{key}" in tensors:
                 state[key] = tensors[f"group{i}.{key}"].to(master.device).clone()
-        if "step" in meta["groups"][i]:
-            state["step"] = torch.tensor(meta["groups"][i]["step"])
+        if "step" in meta["groups"][i]:  # fused AdamW reads the step on the parameters' device
+            state["step"] = torch.tensor(meta["groups"][i]["step"], dtype=torch.float32, device=master.device)
         if state:
             inner.state[master] = state

@@ -28,7 +28,12 @@ from megafusion.parallel.grads import allreduce_sequence_parallel_grads
 from megafusion.parallel.process_groups import ParallelContext
 from megafusion.parallel.stages import broadcast_replica_weights, build_stage_models, sync_replica_grads
 from megafusion.parallel.zero import build_engine, optimizer_state_bytes
-from megafusion.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megafusion.training.checkpointing import (
+    frozen_source_fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megafusion.training.lr_schedule import learning_rate
 from megafusion.training.metrics import (
     ScalarLogger,
@@ -65,6 +70,7 @@ class Trainer:
         self.skipped = 0
         self.nonfinite_run = 0
         run_dir = Path(cfg.logging.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else run_dir / "checkpoints"
         self.tb = ScalarLogger(str(run_dir / "tb") if (self.rank0 and cfg.logging.tensorboard) else None)
         self._stop_signal: Optional[int] = None
@@ -111,7 +117,7 @@ class Trainer:
             {"data_position": {"step": self.step, "micro_batches_per_step": self.num_micro,
                                "consumed_micro_batches_per_dp_rank": self.step * self.num_micro,
                                "path": self.cfg.data.path, "num_workers": self.cfg.data.num_workers},
-             "skipped_steps": self.skipped, "frozen_source": self.hf_dir},
+             "skipped_steps": self.skipped, "frozen_source": frozen_source_fingerprint(self.hf_dir)},
             keep=self.cfg.checkpoint.keep,
         )
         self.log(f"[train] saved checkpoint {path}")
@@ -124,6 +130,12 @@ class Trainer:
         if path is None:
             return False
         meta = load_checkpoint(path, self.engine.module, self.optimizer)
+        saved_src, now_src = meta.get("frozen_source"), frozen_source_fingerprint(self.hf_dir)
+        if isinstance(saved_src, dict) and saved_src.get("files") != now_src["files"]:
+            raise ValueError(
+                f"{path}: its frozen text tower came from {saved_src.get('path')} with files {saved_src.get('files')}, "
+                f"but checkpoint.hf_llama={self.hf_dir} has {now_src['files']}; resume with the same base Llama"
+            )
         pos = meta.get("data_position", {})
         if self.cfg.data.path and pos.get("num_workers", self.cfg.data.num_workers) != self.cfg.data.num_workers:
             raise ValueError(
@@ -172,17 +184,18 @@ class Trainer:
             allreduce_sequence_parallel_grads(m, self.pctx.tp_group)
         sync_replica_grads(self.models)
         stats = self._reduce_losses(reduced)
-        finite = math.isfinite(stats[0]) and self._grads_finite()
-        if finite:
-            self.engine.allreduce_gradients()
-            self.engine.step()
+        if not math.isfinite(stats[0]):
+            self._poison_grads()  # a non-finite loss must skip the step even if its grads look finite
+        # DeepSpeed finds non-finite gradients through the global grad norm (reduced over DP and
+        # TP x PP), skips the update and clears its own buffers; we only count.
+        self.engine.allreduce_gradients()
+        self.engine.step()
+        skipped = bool(getattr(self.optimizer, "overflow", False))
+        if not skipped:
             broadcast_replica_weights(self.models)
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
             self.nonfinite_run = 0
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            for p in self.trainable_parameters():
-                p.grad = None
             self.skipped += 1
             self.nonfinite_run += 1
             grad_norm = float("nan")
@@ -201,13 +214,11 @@ class Trainer:
     def _pipeline_seq_length(self) -> int:
         return self.cfg.data.seq_length
 
-    def _grads_finite(self) -> bool:
-        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
-        # one fused reduction instead of a host sync per tensor; inf/nan anywhere makes the sum non-finite
-        total = torch.stack([g.float().abs().sum() for g in grads]).sum() if grads else torch.zeros(())
-        bad = (~torch.isfinite(total)).float().reshape(1).to(self.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0.0
+    def _poison_grads(self) -> None:
+        for p in self.trainable_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.fill_(float("nan"))
 
     def _reduce_losses(self, reduced: list) -> list[float]:
         """Mean of (loss, lm_loss, diffusion_loss) over micro-batches and DP ranks, known on every rank."""
