@@ -9,7 +9,7 @@ install:
 
 # The main job on the bundled tiny default.
 demo: install
-	$(PYTHON) -m launcher.train --config tiny logging.run_dir=runs/demo
+	$(PYTHON) -m launcher.demo
 
 # The whole suite: unit, distributed (spawned gloo ranks) and end-to-end tests.
 test: install

@@ -146,6 +146,10 @@ class DataConfig:
     """DataLoader workers per rank (the batch order depends on it: keep it across resumes)."""
     shuffle_buffer: int = 1000
     """Samples held by each worker's shuffle buffer."""
+    text_path: str = ""
+    """Optional text-only webdataset shards (a ``.txt`` member per sample) mixed into the sequences."""
+    text_ratio: float = 0.0
+    """Share of packed documents that are text-only (from ``text_path``)."""
 
 
 @dataclass

@@ -175,6 +175,10 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         )
     if not 0.0 <= cfg.diffusion.caption_dropout < 1.0:
         errs.append(f"diffusion.caption_dropout={cfg.diffusion.caption_dropout} must be in [0, 1)")
+    if not 0.0 <= cfg.data.text_ratio < 1.0:
+        errs.append(f"data.text_ratio={cfg.data.text_ratio} must be in [0, 1)")
+    elif cfg.data.text_ratio > 0 and not cfg.data.text_path:
+        errs.append(f"data.text_ratio={cfg.data.text_ratio} needs data.text_path (text-only shards)")
     if not 0.0 <= cfg.data.caption_first_prob <= 1.0:
         errs.append(f"data.caption_first_prob={cfg.data.caption_first_prob} must be in [0, 1]")
     return errs

@@ -88,6 +88,29 @@ class LatentSequenceDataset(IterableDataset):
             except BadSample:
                 self.skipped += 1
 
+    def _text_samples(self, slot: int, slots: int, epoch: int) -> Iterator[str]:
+        """Text-only documents of this slot, cycled: dealt like the latent shards."""
+        shards = expand_inputs(self.cfg.data.text_path)
+        cycle = 0
+        while True:
+            order = list(shards)
+            random.Random(self.cfg.seed * 104_729 + epoch * 1009 + cycle).shuffle(order)
+            by_shard = len(order) >= slots
+            j, produced = 0, 0
+            for url in order[slot::slots] if by_shard else order:
+                try:
+                    for _key, parts in iter_tar_groups(url):
+                        take = by_shard or (j % slots == slot)
+                        j += 1
+                        if take and "txt" in parts:
+                            produced += 1
+                            yield parts["txt"].decode("utf-8", errors="replace")
+                except BadSample:
+                    self.skipped += 1
+            if produced == 0:
+                raise ValueError(f"data.text_path={self.cfg.data.text_path!r} gives worker slot {slot} no text sample")
+            cycle += 1
+
     def _shuffled(self, slot: int, slots: int, epoch: int):
         rng = random.Random((self.cfg.seed * 1_000_003 + epoch) * 65_537 + slot)
         buf: list = []
@@ -110,7 +133,14 @@ class LatentSequenceDataset(IterableDataset):
         while self.max_epochs is None or epoch < self.max_epochs:
             rng = random.Random((cfg.seed * 31 + epoch) * 65_537 + slot)
             packer = Packer(s, sp)
+            ratio = cfg.data.text_ratio if cfg.data.text_path else 0.0
+            texts = self._text_samples(slot, slots, epoch) if ratio > 0 else None
             for key, latent, caption in self._shuffled(slot, slots, epoch):
+                while texts is not None and rng.random() < ratio:  # text-only docs: a share `ratio` of all
+                    ids = tok(next(texts), add_special_tokens=False)["input_ids"]
+                    packer.add(make_document(ids, None, T, sp, True, s))
+                    while packer.ready() >= mb:
+                        yield self._batch([packer.pop_row() for _ in range(mb)], sp)
                 ids = tok(caption, add_special_tokens=False)["input_ids"]
                 if rng.random() < cfg.diffusion.caption_dropout:
                     ids = []  # unconditional image for classifier-free guidance

@@ -61,3 +61,15 @@ def test_torchrun_tp2_sp_training_run(tmp_path):
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["parallel"]["tensor_parallel"] == 2 and resolved["parallel"]["sequence_parallel"] is True
     assert (run_dir / "base_llama" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage(tmp_path):
+    """What `make demo` runs, shortened: dataset -> VAE/tokenizer -> Ray latents -> TP=2 training."""
+    r = _run([sys.executable, "-m", "launcher.demo", "--run-dir", str(tmp_path / "demo"), "--samples", "200",
+              "--steps", "3"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[demo] stage times: dataset" in r.stdout and "step      3/3" in r.stdout
+    summary = yaml.safe_load((tmp_path / "demo" / "data" / "latents" / "summary.json").read_text())
+    assert summary["out"] == 200
+    assert (tmp_path / "demo" / "train" / "checkpoints" / "latest").is_file()

@@ -188,3 +188,34 @@ def test_loader_ranks_and_workers_cover_the_dataset_once_and_resume_exactly(data
     for a, b in zip(full[3:], resumed):
         assert a.sample_keys == b.sample_keys
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.latents, b.latents)
+
+
+@pytest.mark.slow
+def test_loader_mixes_text_only_shards_at_the_configured_ratio(latents_dir, tmp_path):
+    import webdataset as wds
+
+    from megafusion.config import load_config
+    from megafusion.data.loader import make_loader
+    from megafusion.data.tiny_tokenizer import write_word_tokenizer
+
+    tok = write_word_tokenizer(tmp_path / "tok")
+    with wds.TarWriter(str(tmp_path / "text-000000.tar")) as w:
+        for i in range(50):
+            w.write({"__key__": f"t{i:04d}", "txt": "there is a picture of the image"})
+    cfg = load_config("tiny", [f"data.path={latents_dir}/latents-*.tar", f"data.tokenizer={tok}",
+                               "data.seq_length=64", "data.micro_batch_size=2", "data.num_workers=0",
+                               f"data.text_path={tmp_path}/text-*.tar", "data.text_ratio=0.5"])
+    text_docs = image_docs = 0
+    for batch in make_loader(cfg, 0, 1, max_epochs=1):
+        for r in range(batch.input_ids.shape[0]):
+            docs = batch.document_ids[r]
+            for d in docs.unique().tolist():
+                sel = docs == d
+                if batch.input_ids[r][sel][0].item() != 2:  # padding documents do not start with <s>
+                    continue
+                if (batch.image_ids[r][sel] >= 0).any():
+                    image_docs += 1
+                else:
+                    text_docs += 1
+    assert image_docs == 65
+    assert 0.35 < text_docs / (text_docs + image_docs) < 0.65, (text_docs, image_docs)
