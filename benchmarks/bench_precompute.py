@@ -31,8 +31,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=1920)
-    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--images", type=int, default=3840)
+    ap.add_argument("--shards", type=int, default=32)
     ap.add_argument("--resolution", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
