@@ -3,6 +3,7 @@
 Layout of one checkpoint ``<save>/step_00000100/``::
 
     meta.json                        step, data position, layout, counters (JSON)
+    index.json                       every shard's size and sha256, and its tensors' shapes/dtypes
     config.yaml                      the resolved config
     model/tp{t}_pp{p}.safetensors    trainable parameters of that TP/PP shard (written by DP rank 0)
     optim/tp{t}_pp{p}_dp{d}.safetensors   this rank's ZeRO partition: fp32 master + Adam moments
@@ -16,12 +17,15 @@ rank 0 renames the folder once every rank has finished and only then rewrites
 the ``latest`` pointer (via a temporary file and ``os.replace``), so a crash at
 any point leaves ``latest`` on the previous complete checkpoint.
 
-What the format trusts: safetensors files hold raw tensors only and JSON/YAML
-hold plain data; loading never unpickles anything.
+Loading verifies each file a rank reads against index.json (size, sha256): a
+truncated or corrupted shard is an error naming the file. What the format
+trusts: safetensors files hold raw tensors only and JSON/YAML hold plain data;
+loading never unpickles anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,12 +36,14 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megafusion.config.loader import dump_config
 from megafusion.config.schema import Config
 
 LATEST = "latest"
+INDEX = "index.json"
 
 
 class CheckpointError(RuntimeError):
@@ -48,12 +54,56 @@ def _layout() -> dict[str, int]:
     return {
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
         "dp": ps.get_data_parallel_world_size(),
     }
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory entry) to disk before it is published by a rename."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _ranks() -> tuple[int, int, int]:
     return ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank()
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file, plus shape/dtype of every tensor for safetensors files."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            entry["tensors"] = {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": f.get_slice(k).get_dtype()}
+                                for k in f.keys()}
+    return entry
+
+
+def verify_file(root: Path, rel: str, index: dict[str, Any]) -> None:
+    """Raise CheckpointError naming the file if it is missing, truncated or corrupted."""
+    path = root / rel
+    want = index.get(rel)
+    if want is None:
+        raise CheckpointError(f"{path}: not listed in {root / INDEX}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (listed in {INDEX})")
+    size = path.stat().st_size
+    if size != want["bytes"]:
+        raise CheckpointError(f"{path}: {size} bytes, the index says {want['bytes']} (truncated or overwritten)")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    if h.hexdigest() != want["sha256"]:
+        raise CheckpointError(f"{path}: sha256 {h.hexdigest()[:12]}... differs from the index's "
+                              f"{want['sha256'][:12]}... (corrupted)")
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -115,25 +165,38 @@ def save_checkpoint(
         for sub in ("model", "optim", "rng"):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    written: list[str] = []
     if dp == 0:
         trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "model" / f"tp{tp}_pp{pp}.safetensors"))
+        written.append(f"model/tp{tp}_pp{pp}.safetensors")
     tensors, ometa = _optimizer_tensors(optimizer)
-    stem = tmp / "optim" / f"tp{tp}_pp{pp}_dp{dp}"
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(stem) + ".safetensors")
-    _write_json(Path(str(stem) + ".json"), ometa)
+    stem = f"optim/tp{tp}_pp{pp}_dp{dp}"
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / (stem + ".safetensors")))
+    _write_json(tmp / (stem + ".json"), ometa)
+    written += [stem + ".safetensors", stem + ".json"]
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng" / f"rank{rank}.safetensors"))
-    dist.barrier()
+    written.append(f"rng/rank{rank}.safetensors")
+    for rel in written:
+        _fsync(tmp / rel)
+    digests = {rel: file_digest(tmp / rel) for rel in written}  # each rank hashes its own files
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digests)
     if rank == 0:
+        index = {k: v for part in gathered for k, v in part.items()}
+        _write_json(tmp / INDEX, index)
         dump_config(cfg, tmp / "config.yaml")
         _write_json(tmp / "meta.json", {"step": step, "layout": _layout(), "time": time.time(),
                                          "world_size": dist.get_world_size(), **extra})
+        for name in (INDEX, "meta.json", "config.yaml"):
+            _fsync(tmp / name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(save_dir)
         pointer_tmp = save_dir / (LATEST + ".tmp")
         pointer_tmp.write_text(name + "\n")
         os.replace(pointer_tmp, save_dir / LATEST)
@@ -158,9 +221,13 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
             "reshard the checkpoint to this layout first"
         )
     tp, pp, dp = _ranks()
+    if not (path / INDEX).is_file():
+        raise CheckpointError(f"{path / INDEX} missing: not a complete checkpoint")
+    index = json.loads((path / INDEX).read_text())
+    for rel in (f"model/tp{tp}_pp{pp}.safetensors", f"optim/tp{tp}_pp{pp}_dp{dp}.safetensors",
+                f"optim/tp{tp}_pp{pp}_dp{dp}.json", f"rng/rank{dist.get_rank()}.safetensors"):
+        verify_file(path, rel, index)
     model_file = path / "model" / f"tp{tp}_pp{pp}.safetensors"
-    if not model_file.is_file():
-        raise CheckpointError(f"{model_file} missing")
     saved = load_file(str(model_file))
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}

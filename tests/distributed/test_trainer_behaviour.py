@@ -69,6 +69,39 @@ def _nonfinite_worker(rank, world, run_dir, hf_dir, overrides):
             "latest_step": torch.tensor(latest_step)}
 
 
+def _corruption_worker(rank, world, run_dir, hf_dir):
+    from megafusion.training.checkpointing import CheckpointError, latest_checkpoint, load_checkpoint
+
+    trainer = _trainer(run_dir, hf_dir)
+    trainer.run(1)
+    ckpt = latest_checkpoint(trainer.save_dir)
+    messages = []
+    model_file = ckpt / "model" / "tp0_pp0.safetensors"
+    optim_file = ckpt / "optim" / "tp0_pp0_dp0.safetensors"
+    original = model_file.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01  # one bit inside the tensor data
+    model_file.write_bytes(bytes(flipped))
+    try:
+        load_checkpoint(ckpt, trainer.engine.module, trainer.optimizer)
+    except CheckpointError as exc:
+        messages.append(str(exc))
+    model_file.write_bytes(original)
+    optim_file.write_bytes(optim_file.read_bytes()[:-100])  # truncated
+    try:
+        load_checkpoint(ckpt, trainer.engine.module, trainer.optimizer)
+    except CheckpointError as exc:
+        messages.append(str(exc))
+    return {"msgs": messages}
+
+
+def test_truncated_or_flipped_shards_are_named(base, tmp_path):
+    msgs = run_distributed(_corruption_worker, 1, str(tmp_path), base)[0]["msgs"]
+    assert len(msgs) == 2
+    assert "model/tp0_pp0.safetensors" in msgs[0] and "corrupted" in msgs[0]
+    assert "optim/tp0_pp0_dp0.safetensors" in msgs[1] and "truncated" in msgs[1]
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     from megafusion.checkpoint.tiny_llama import write_random_hf_llama
