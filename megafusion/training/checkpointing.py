@@ -191,8 +191,8 @@ def save_checkpoint(
         dump_config(cfg, tmp / "config.yaml")
         _write_json(tmp / "meta.json", {"step": step, "layout": _layout(), "time": time.time(),
                                          "world_size": dist.get_world_size(), **extra})
-        for name in (INDEX, "meta.json", "config.yaml"):
-            _fsync(tmp / name)
+        for small in (INDEX, "meta.json", "config.yaml"):
+            _fsync(tmp / small)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
