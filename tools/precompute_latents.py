@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--address", default=None, help="Ray address ('auto' on a cluster; default: RAY_ADDRESS or local)")
     ap.add_argument("--max-retries", type=int, default=1, help="re-encodes of a shard whose worker died")
     ap.add_argument("--crash-after-samples", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
+    ap.add_argument("--crash-shard", default=None, help=argparse.SUPPRESS)  # ...only in this output shard
     args = ap.parse_args(argv)
 
     from megafusion.data.latent_cache import CacheOptions
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
                         max_pixels=args.max_pixels, sample=args.sample, seed=args.seed)
     try:
         run(args.input, args.output, args.vae, opts, args.num_workers, args.address, args.max_retries,
-            args.crash_after_samples, log=lambda s: print(s, flush=True))
+            args.crash_after_samples, log=lambda s: print(s, flush=True), crash_shard=args.crash_shard)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

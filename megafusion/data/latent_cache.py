@@ -21,6 +21,7 @@ import json
 import os
 import tarfile
 import time
+import uuid
 import warnings
 import zlib
 from collections import Counter
@@ -32,8 +33,9 @@ import numpy as np
 import torch
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+MAX_MEMBER_BYTES = 256 * 2**20
 SKIP_REASONS = ("missing_image", "missing_caption", "corrupt_image", "truncated_image", "too_small",
-                "decompression_bomb", "truncated_shard")
+                "decompression_bomb", "truncated_shard", "oversized_member")
 
 
 class BadSample(Exception):
@@ -59,13 +61,24 @@ def expand_inputs(pattern: str) -> list[str]:
     """Brace patterns (``shard-{000000..000127}.tar``), globs and fsspec URLs -> sorted shard list."""
     from braceexpand import braceexpand
 
+    import fsspec
+
     urls: list[str] = []
     for part in braceexpand(pattern):
-        if "://" in part and not part.startswith("file://"):
-            urls.append(part)
+        if "://" in part and not part.startswith("file://"):  # remote: check and expand with fsspec
+            fs, path = fsspec.core.url_to_fs(part)
+            proto = part.split("://", 1)[0]
+            if any(ch in path for ch in "*?["):
+                urls.extend(f"{proto}://{p.split('://', 1)[-1]}" for p in sorted(fs.glob(path)))
+            elif fs.exists(path):
+                urls.append(part)
+            else:
+                raise FileNotFoundError(f"--input {pattern!r}: shard {part!r} does not exist")
             continue
         local = part[len("file://"):] if part.startswith("file://") else part
-        if any(ch in local for ch in "*?["):
+        if os.path.isdir(local):  # a directory means its shards
+            urls.extend(sorted(glob.glob(os.path.join(local, "*.tar"))))
+        elif any(ch in local for ch in "*?["):
             urls.extend(sorted(glob.glob(local)))
         elif os.path.exists(local):
             urls.append(local)
@@ -91,13 +104,17 @@ def iter_tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     continue
                 key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
                 ext = base.split(".", 1)[1].lower()
-                data = tar.extractfile(member).read()
+                if member.size > MAX_MEMBER_BYTES:  # never read a huge member into memory
+                    data = b""
+                    ext = "oversized_" + ext
+                else:
+                    data = tar.extractfile(member).read()
                 if key != current:
                     if current is not None:
                         yield current, parts
                     current, parts = key, {}
                 parts[ext] = data
-    except (tarfile.ReadError, EOFError, OSError) as exc:
+    except (tarfile.ReadError, EOFError) as exc:  # a cut archive; I/O errors propagate and the shard is redone
         if current is not None:
             yield current, parts
         raise BadSample("truncated_shard") from exc
@@ -168,19 +185,28 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def done_record(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".done.json")
 
 
 def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions,
                   crash_after: Optional[int] = None) -> dict:
+    """``crash_after`` (tests only) kills the process after that many samples of this shard."""
     """Encode one input shard into ``out_path`` atomically; return its counts (also written as the record)."""
     import webdataset as wds
 
     t0 = time.time()
     counts: Counter = Counter()
     out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp = out_path.with_name(f"{out_path.name}.{uuid.uuid4().hex[:8]}.tmp")  # unique per attempt
     batch: list[tuple[str, torch.Tensor, str, dict]] = []
     writer = wds.TarWriter(str(tmp))
 
@@ -203,7 +229,8 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions,
             try:
                 ext = next((e for e in IMAGE_EXTS if e in parts), None)
                 if ext is None:
-                    raise BadSample("missing_image")
+                    oversized = any(k.startswith("oversized_") for k in parts)
+                    raise BadSample("oversized_member" if oversized else "missing_image")
                 caption = parts.get("txt", b"").decode("utf-8", errors="replace").strip()
                 if not caption:
                     raise BadSample("missing_caption")
@@ -219,10 +246,12 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions,
         counts["skipped/" + bad.reason] += 1
     flush()
     writer.close()
+    _fsync(tmp)
     os.replace(tmp, out_path)
     record = {"input": in_url, "output": out_path.name, "seconds": round(time.time() - t0, 3), **counts}
     rec_path = done_record(out_path)
     rec_tmp = rec_path.with_name(rec_path.name + ".tmp")
     rec_tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    _fsync(rec_tmp)
     os.replace(rec_tmp, rec_path)
     return record

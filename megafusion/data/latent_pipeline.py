@@ -8,6 +8,7 @@ each when the cluster has GPUs, one CPU otherwise; shards are the units of work.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -24,7 +25,8 @@ SUMMARY = "summary.json"
 class EncoderWorker:
     """Holds one VAE; encodes whole shards. Wrapped with ``ray.remote`` by :func:`run`."""
 
-    def __init__(self, vae_dir: str, opts: dict, crash_after: Optional[int] = None):
+    def __init__(self, vae_dir: str, opts: dict, crash_after: Optional[int] = None,
+                 crash_shard: Optional[str] = None):
         import torch
 
         from megafusion.data.latent_cache import load_vae
@@ -34,30 +36,47 @@ class EncoderWorker:
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.vae = load_vae(vae_dir, self.device)
         self.opts = CacheOptions(**opts)
-        self.crash_after = crash_after
+        self.crash_after, self.crash_shard = crash_after, crash_shard
 
     def process(self, in_url: str, out_path: str) -> dict:
         from megafusion.data.latent_cache import process_shard
 
-        return process_shard(self.vae, in_url, Path(out_path), self.opts, self.crash_after)
+        crash = self.crash_after if self.crash_shard in (None, Path(out_path).name) else None
+        return process_shard(self.vae, in_url, Path(out_path), self.opts, crash)
 
 
-def plan(inputs: list[str], out_dir: Path) -> list[tuple[str, Path]]:
-    """Input shard -> output shard, fixed by a manifest so reruns map shards identically."""
+def _vae_fingerprint(vae_dir: str) -> str:
+    cfg = Path(vae_dir) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"--vae {vae_dir!r}: no config.json (expected a diffusers AutoencoderKL directory)")
+    return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
+
+
+def plan(inputs: list[str], out_dir: Path, settings: dict) -> list[tuple[str, Path]]:
+    """Input shard -> output shard, fixed by a manifest so reruns map shards identically.
+
+    The manifest also pins the encoding settings (resolution, sampling, seed, VAE config
+    hash): a rerun with other settings would mix two kinds of latents and is refused.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = [(url, out_dir / f"latents-{i:06d}.tar") for i, url in enumerate(inputs)]
     manifest = out_dir / MANIFEST
     mapping = {str(p.name): url for url, p in pairs}
     if manifest.is_file():
-        old = json.loads(manifest.read_text())["shards"]
-        if old != mapping:
+        old = json.loads(manifest.read_text())
+        if old["shards"] != mapping:
             raise ValueError(
-                f"{manifest} was written for different inputs ({len(old)} shards); "
+                f"{manifest} was written for different inputs ({len(old['shards'])} shards); "
                 "use a new --output directory for a different --input"
             )
+        diff = {k: (old.get("settings", {}).get(k), v) for k, v in settings.items()
+                if old.get("settings", {}).get(k) != v}
+        if diff:
+            raise ValueError(f"{manifest} was written with other settings {diff} (saved, now); "
+                             "use a new --output directory or the same settings")
     else:
         tmp = manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"shards": mapping}, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps({"shards": mapping, "settings": settings}, indent=1, sort_keys=True))
         os.replace(tmp, manifest)
     return pairs
 
@@ -84,13 +103,15 @@ def summarize(out_dir: Path, seconds: float, this_run: int) -> dict:
 
 def run(input_pattern: str, output: str, vae_dir: str, opts: CacheOptions, num_workers: int,
         address: Optional[str] = None, max_retries: int = 1, crash_after: Optional[int] = None,
-        log=print) -> dict:
+        log=print, crash_shard: Optional[str] = None) -> dict:
     """Encode every not-yet-done shard; returns the summary. Raises if shards still failed after retries."""
     import ray
     from tqdm import tqdm
 
     out_dir = Path(output).resolve()
-    pairs = plan(expand_inputs(input_pattern), out_dir)
+    settings = {"resolution": opts.resolution, "sample": opts.sample, "seed": opts.seed,
+                "min_size": opts.min_size, "max_pixels": opts.max_pixels, "vae_config": _vae_fingerprint(vae_dir)}
+    pairs = plan(expand_inputs(input_pattern), out_dir, settings)
     todo = [(u, p) for u, p in pairs if not done_record(p).is_file()]
     log(f"[precompute] {len(pairs)} input shards, {len(pairs) - len(todo)} already done, {len(todo)} to encode")
     t0 = time.time()
@@ -101,15 +122,21 @@ def run(input_pattern: str, output: str, vae_dir: str, opts: CacheOptions, num_w
         if address or os.environ.get("RAY_ADDRESS"):
             ray.init(address=address or None, log_to_driver=False)
         else:
-            ray.init(num_cpus=max(num_workers, 1), include_dashboard=False, log_to_driver=False)
-    gpus = ray.cluster_resources().get("GPU", 0)
+            # address="local": a fresh local instance even if a `ray start` cluster runs on this machine
+            ray.init(address="local", num_cpus=max(num_workers, 1), include_dashboard=False, log_to_driver=False)
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 1))
     resources = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
-    n = max(1, min(num_workers, len(todo)))
+    capacity = gpus if gpus >= 1 else max(1, cpus)  # more actors than fit would wait forever
+    n = max(1, min(num_workers, len(todo), capacity))
+    if n < num_workers:
+        log(f"[precompute] using {n} encoder actor(s): --num-workers {num_workers} but the cluster holds "
+            f"{capacity} {'GPU' if gpus else 'CPU'} actor(s) and {len(todo)} shard(s) are left")
     Remote = ray.remote(EncoderWorker)
     opts_d = asdict(opts)
 
     def new_actor():
-        return Remote.options(**resources).remote(vae_dir, opts_d, crash_after)
+        return Remote.options(**resources).remote(vae_dir, opts_d, crash_after, crash_shard)
 
     idle = [new_actor() for _ in range(n)]
     queue = list(todo)
@@ -132,14 +159,18 @@ def run(input_pattern: str, output: str, vae_dir: str, opts: CacheOptions, num_w
             idle.append(actor)
             bar.update(1)
             bar.set_postfix(images_per_s=f"{images / max(time.time() - t0, 1e-6):.1f}")
-        except ray.exceptions.RayActorError:  # the worker process died: its shard is redone
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            # the worker died, or the shard raised (e.g. an I/O error): the shard is redone
+            died = isinstance(exc, ray.exceptions.RayActorError)
             attempts[url] = attempts.get(url, 0) + 1
-            log(f"[precompute] worker died while encoding {url} (attempt {attempts[url]})")
+            cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            log(f"[precompute] {'worker died' if died else 'error'} while encoding {url} "
+                f"(attempt {attempts[url]}): {cause}")
             if attempts[url] <= max_retries:
                 queue.append((url, out))
             else:
                 failed.append(url)
-            idle.append(new_actor())
+            idle.append(new_actor() if died else actor)
     bar.close()
     summary = summarize(out_dir, time.time() - t0, len(todo) - len(failed))
     log(f"[precompute] done: {summary['out']} latents from {summary['in']} samples, skipped {summary['skipped']}, "

@@ -52,6 +52,8 @@ def read_latent_sample(parts: dict[str, bytes]) -> tuple[np.ndarray, str, dict]:
     if "npy" not in parts or "txt" not in parts:
         raise BadSample("missing_latent_or_caption")
     latent = np.load(io.BytesIO(parts["npy"]), allow_pickle=False)
+    if not isinstance(latent, np.ndarray) or latent.ndim != 3:
+        raise BadSample("bad_latent")
     meta = json.loads(parts["json"].decode("utf-8")) if "json" in parts else {}
     return latent, parts["txt"].decode("utf-8"), meta
 
@@ -130,12 +132,20 @@ class LatentSequenceDataset(IterableDataset):
         T = cfg.model.image.tokens_per_image
         s, mb = cfg.data.seq_length, cfg.data.micro_batch_size
         epoch = 0
+        packer = Packer(s, sp)  # kept across epochs: an epoch's tail opens the next one's rows
         while self.max_epochs is None or epoch < self.max_epochs:
             rng = random.Random((cfg.seed * 31 + epoch) * 65_537 + slot)
-            packer = Packer(s, sp)
+            seen = 0
             ratio = cfg.data.text_ratio if cfg.data.text_path else 0.0
             texts = self._text_samples(slot, slots, epoch) if ratio > 0 else None
+            want = (cfg.model.image.latent_channels, cfg.model.image.latent_size, cfg.model.image.latent_size)
             for key, latent, caption in self._shuffled(slot, slots, epoch):
+                if tuple(latent.shape) != want:
+                    raise ValueError(
+                        f"{key}: latent of shape {tuple(latent.shape)}, the model expects {want} "
+                        "(model.image.latent_channels/image_size/vae_downsample vs the cached --resolution and VAE)"
+                    )
+                seen += 1
                 while texts is not None and rng.random() < ratio:  # text-only docs: a share `ratio` of all
                     ids = tok(next(texts), add_special_tokens=False)["input_ids"]
                     packer.add(make_document(ids, None, T, sp, True, s))
@@ -150,6 +160,11 @@ class LatentSequenceDataset(IterableDataset):
                 while packer.ready() >= mb:
                     rows = [packer.pop_row() for _ in range(mb)]
                     yield self._batch(rows, sp)
+            if seen == 0:
+                raise ValueError(
+                    f"data.path={cfg.data.path!r}: loader slot {slot} of {slots} (DP rank {self.dp_rank}) read no "
+                    f"sample in epoch {epoch}; the data has fewer usable samples than DP ranks x data.num_workers"
+                )
             epoch += 1
             if self.max_epochs is not None and epoch >= self.max_epochs:  # flush the tail of the last epoch
                 if packer.current:

@@ -32,6 +32,18 @@ def _png(size, color=(200, 30, 30)) -> bytes:
     return buf.getvalue()
 
 
+def _bomb_png() -> bytes:
+    """A real decompression bomb: a 100000 x 100000 header in front of a few bytes of data."""
+    import struct
+    import zlib
+
+    png = bytearray(_png((4, 4)))
+    ihdr = 8  # signature, then the IHDR chunk: length(4) type(4) data(13) crc(4)
+    png[ihdr + 8 : ihdr + 16] = struct.pack(">II", 100_000, 100_000)
+    png[ihdr + 21 : ihdr + 25] = struct.pack(">I", zlib.crc32(bytes(png[ihdr + 4 : ihdr + 21])))
+    return bytes(png)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """3 generated shards of 20 good samples + 1 shard of 5 good and 6 bad members; a tiny VAE."""
@@ -48,7 +60,7 @@ def data(tmp_path_factory):
         ("bad-garbage", {"png": b"not an image at all", "txt": "garbage"}),
         ("bad-nocaption", {"png": good_png}),
         ("bad-small", {"png": _png((8, 8)), "txt": "tiny"}),
-        ("bad-bomb", {"png": _png((600, 600)), "txt": "too many pixels"}),
+        ("bad-bomb", {"png": _bomb_png(), "txt": "too many pixels"}),
         ("bad-noimage", {"txt": "caption only"}),
     ]
     with wds.TarWriter(str(root / "in" / "shapes-000003.tar")) as w:
@@ -116,13 +128,24 @@ def test_precompute_exactly_once_equal_to_direct_encode_bad_samples_counted(data
 @pytest.mark.slow
 def test_worker_killed_mid_shard_then_rerun(data, tmp_path):
     out = tmp_path / "out"
-    r = _precompute(data, out, "--crash-after-samples", "7", "--max-retries", "0")
-    assert r.returncode != 0 and "rerun" in r.stderr
-    assert not list(out.glob("*.done.json"))  # no shard was completed by a dying worker
+    # the worker dies in shard 1 after 12 samples: one batch of 8 is already in its temporary tar
+    r = _precompute(data, out, "--crash-after-samples", "12", "--crash-shard", "latents-000001.tar",
+                    "--max-retries", "0")
+    assert r.returncode != 0 and "rerun" in r.stderr and "worker died" in r.stdout
+    assert sorted(p.name for p in out.glob("*.done.json")) == [
+        "latents-000000.tar.done.json", "latents-000002.tar.done.json", "latents-000003.tar.done.json"]
+    assert not (out / "latents-000001.tar").exists() and list(out.glob("latents-000001.tar.*.tmp"))
     r = _precompute(data, out)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 to encode" in r.stdout  # finished shards are skipped, the dead one is redone
     keys, _ = _read_output(out)
     assert len(keys) == len(set(keys)) and set(keys) == data["good"]
+
+
+@pytest.mark.slow
+def test_rerun_with_other_settings_is_refused(data, latents_dir):
+    r = _precompute(data, latents_dir, "--resolution", "16")
+    assert r.returncode != 0 and "other settings" in r.stderr and "resolution" in r.stderr
 
 
 def _free_port() -> int:
@@ -182,6 +205,12 @@ def test_loader_ranks_and_workers_cover_the_dataset_once_and_resume_exactly(data
         for batch in make_loader(cfg, rank, 2, max_epochs=1):
             seen += [k.split("#")[1] for k in batch.sample_keys]
     assert len(seen) == len(set(seen)) and set(seen) == data["good"]
+    # fewer shards (4) than slots (3 ranks x 2 workers): samples are dealt one by one, still exactly once
+    seen = []
+    for rank in range(3):
+        for batch in make_loader(cfg, rank, 3, max_epochs=1):
+            seen += [k.split("#")[1] for k in batch.sample_keys]
+    assert len(seen) == len(set(seen)) and set(seen) == data["good"]
     # resume: a loader started at micro-batch 3 yields what an uninterrupted one yields from 3 on
     full = [b for _, b in zip(range(8), make_loader(cfg, 0, 2))]
     resumed = [b for _, b in zip(range(5), make_loader(cfg, 0, 2, start_batch=3))]
@@ -219,3 +248,21 @@ def test_loader_mixes_text_only_shards_at_the_configured_ratio(latents_dir, tmp_
                     text_docs += 1
     assert image_docs == 65
     assert 0.35 < text_docs / (text_docs + image_docs) < 0.65, (text_docs, image_docs)
+
+
+@pytest.mark.slow
+def test_loader_errors_name_the_problem(latents_dir, tmp_path):
+    from megafusion.config import load_config
+    from megafusion.data.loader import LatentSequenceDataset
+    from megafusion.data.tiny_tokenizer import write_word_tokenizer
+
+    tok = write_word_tokenizer(tmp_path / "tok")
+    # 65 samples cannot feed 100 slots
+    cfg = _loader_cfg(latents_dir, tok, workers=0)
+    ds = LatentSequenceDataset(cfg, dp_rank=99, dp_size=100, max_epochs=1)
+    with pytest.raises(ValueError, match="read no sample"):
+        next(iter(ds))
+    # latents cached at another resolution than the model expects
+    cfg = load_config("tiny", [f"data.path={latents_dir}", f"data.tokenizer={tok}", "model.image.image_size=64"])
+    with pytest.raises(ValueError, match=r"latent of shape \(4, 8, 8\), the model expects \(4, 16, 16\)"):
+        next(iter(LatentSequenceDataset(cfg, 0, 1)))
