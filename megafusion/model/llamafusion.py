@@ -156,6 +156,29 @@ class LlamaFusion(nn.Module):
         model.freeze_text_tower()
         return model
 
+    @classmethod
+    def from_pretrained(cls, path: str, *, pctx: Optional[ParallelContext] = None, seed: int = 1234) -> "LlamaFusion":
+        """Load a directory written by ``tools/export_hf.py``: the HF text tower plus the trained image side."""
+        import json
+        from pathlib import Path
+
+        from megafusion.checkpoint.export import CONFIG_FILE, IMAGE_FILE, load_image_side
+        from megafusion.checkpoint.hf_import import load_hf_llama
+        from megafusion.config.loader import config_from_dict
+
+        cfg_file = Path(path) / CONFIG_FILE
+        if not cfg_file.is_file():
+            raise ValueError(
+                f"{path}: no {CONFIG_FILE}, so no trained image tower; for a plain HF Llama use "
+                "LlamaFusion.from_hf_llama"
+            )
+        mcfg = config_from_dict({"model": json.loads(cfg_file.read_text())["model"]}).model
+        model = cls(mcfg, pctx, seed=seed)
+        load_hf_llama(model, path)
+        load_image_side(model, Path(path) / IMAGE_FILE)
+        model.freeze_text_tower()
+        return model
+
     def routed_modules(self) -> list[nn.Module]:
         return [m for m in self.modules() if isinstance(m, (RoutedColumnParallelLinear, RoutedRowParallelLinear))]
 

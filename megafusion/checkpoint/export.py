@@ -1,0 +1,125 @@
+"""megafusion training checkpoint -> a Hugging Face directory plus the image side.
+
+The output directory is what ``transformers.LlamaForCausalLM.from_pretrained``
+loads (the text tower: the base Llama's files, copied bit for bit, since the
+text tower never trains) and, beside it, ``megafusion_image.safetensors`` (image
+tower, U-Nets, <BOI>/<EOI> rows, in full, layout-independent form) and
+``megafusion_config.json`` (the model config), which
+``LlamaFusion.from_pretrained(DIR)`` loads back at any TP size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from megafusion.checkpoint.gather import shard_kind
+from megafusion.checkpoint.tp_layout import gate_up_unshard, qkv_unshard
+from megafusion.config.loader import config_from_dict
+from megafusion.training.checkpointing import INDEX, CheckpointError, frozen_source_fingerprint, verify_file
+
+IMAGE_FILE = "megafusion_image.safetensors"
+CONFIG_FILE = "megafusion_config.json"
+_HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def _canonical(name: str) -> str | None:
+    """'1.core.layers.3.qkv.image.weight' -> 'layers.3.qkv.image.weight'; None for tied replicas."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1] == "core":
+        return ".".join(parts[2:])
+    return None  # e.g. '1.skip_encoder_replica.*' (a copy of image_in on the last stage)
+
+
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> Path:
+    ckpt, out = Path(ckpt_dir), Path(out_dir)
+    meta_path = ckpt / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{ckpt} is not a complete megafusion checkpoint (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    if not (ckpt / INDEX).is_file():
+        raise CheckpointError(f"{ckpt}: no {INDEX} (written by an older megafusion); cannot verify its shards")
+    index = json.loads((ckpt / INDEX).read_text())
+    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    m = cfg.model
+    src = meta.get("frozen_source", {})
+    hf_dir = Path(src.get("path", ""))
+    if not (hf_dir / "config.json").is_file():
+        raise CheckpointError(f"{ckpt}: the base Llama {hf_dir} it was trained from is not available")
+    if frozen_source_fingerprint(hf_dir)["files"] != src.get("files"):
+        raise CheckpointError(f"{hf_dir} differs from the base Llama recorded in {meta_path}")
+
+    shards: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+    for rel in sorted(k for k in index if k.startswith("model/")):
+        verify_file(ckpt, rel, index)
+        tp_rank = int(rel.split("/")[1].split("_")[0][2:])  # model/tp{t}_pp{p}.safetensors
+        for name, t in load_file(str(ckpt / rel)).items():
+            canon = _canonical(name)
+            if canon is not None:
+                shards[canon][tp_rank] = t
+    full: dict[str, torch.Tensor] = {}
+    d = m.head_dim
+    for name, by_rank in shards.items():
+        parts = [by_rank[r] for r in sorted(by_rank)]
+        kind = shard_kind(name)
+        if kind == "qkv":
+            full[name] = torch.cat(qkv_unshard(parts, m.num_attention_heads * d, m.num_kv_heads * d), 0)
+        elif kind == "gate_up":
+            full[name] = torch.cat(gate_up_unshard(parts), 0)
+        elif kind == "row":
+            full[name] = torch.cat(parts, 1)
+        else:
+            full[name] = parts[0]
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for f in sorted(hf_dir.iterdir()):
+        if f.name in _HF_FILES or f.name.startswith("model-") or f.name.startswith("tokenizer"):
+            shutil.copy2(f, tmp / f.name)
+    save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / IMAGE_FILE))
+    (tmp / CONFIG_FILE).write_text(json.dumps(
+        {"model": dataclasses.asdict(m), "step": meta["step"], "source_checkpoint": str(ckpt)}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log(f"[export] {len(full)} image-side tensors + text tower from {hf_dir} -> {out}")
+    return out
+
+
+@torch.no_grad()
+def load_image_side(model, path: str | Path) -> None:
+    """Copy this rank's shards of the exported image-side tensors into ``model`` (any TP size)."""
+    from megafusion.checkpoint.tp_layout import gate_up_shard, qkv_shard, row_shard
+    from megafusion.model.llamafusion import is_text_tower_param
+
+    tensors = load_file(str(path))
+    cfg, tp, rank = model.cfg, model.pctx.tp_size, model.pctx.tp_rank
+    d = cfg.head_dim
+    for name, p in model.named_parameters():
+        if is_text_tower_param(name):
+            continue
+        if name not in tensors:
+            raise CheckpointError(f"{path}: no tensor {name!r} (exported from a different model config?)")
+        full = tensors[name]
+        kind = shard_kind(name)
+        if kind == "qkv":
+            q, k, v = full.split([cfg.num_attention_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d], 0)
+            local = qkv_shard(q, k, v, tp, rank)
+        elif kind == "gate_up":
+            local = gate_up_shard(*full.chunk(2, 0), tp, rank)
+        elif kind == "row":
+            local = row_shard(full, tp, rank)
+        else:
+            local = full
+        if tuple(local.shape) != tuple(p.shape):
+            raise CheckpointError(f"{path}: {name} gives a shard of {tuple(local.shape)}, the model has {tuple(p.shape)}")
+        p.copy_(local.to(dtype=p.dtype, device=p.device))
