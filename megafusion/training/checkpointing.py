@@ -131,15 +131,26 @@ def latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
     return path
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """This rank's ZeRO partition: fp32 master flat groups and the base AdamW state on them."""
+def _optimizer_tensors(optimizer, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's ZeRO partition: fp32 master flat groups and the base AdamW state on them.
+
+    The JSON side records, per group, the parameters in flat-buffer order with their
+    numels, the partition size and the DP size: what re-cutting the partitions for
+    another layout needs (DeepSpeed pads each flat group at its end, then splits it
+    evenly over DP).
+    """
     tensors: dict[str, torch.Tensor] = {}
-    meta: dict[str, Any] = {"groups": []}
+    meta: dict[str, Any] = {"groups": [], "dp": ps.get_data_parallel_world_size()}
+    names = {id(p): n for n, p in model.named_parameters()}
     inner = optimizer.optimizer  # the torch AdamW DeepSpeed wraps
     for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
         tensors[f"group{i}.master"] = master.detach().contiguous()
         state = inner.state.get(master, {})
-        g: dict[str, Any] = {"numel": master.numel()}
+        g: dict[str, Any] = {
+            "numel": master.numel(),
+            "params": [[names.get(id(p), "?"), p.numel()] for p in optimizer.bit16_groups[i]],
+            "weight_decay": optimizer.optimizer.param_groups[i].get("weight_decay", 0.0),
+        }
         for key, val in state.items():
             if key == "step":
                 g["step"] = float(val)
@@ -170,7 +181,7 @@ def save_checkpoint(
         trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "model" / f"tp{tp}_pp{pp}.safetensors"))
         written.append(f"model/tp{tp}_pp{pp}.safetensors")
-    tensors, ometa = _optimizer_tensors(optimizer)
+    tensors, ometa = _optimizer_tensors(optimizer, model)
     stem = f"optim/tp{tp}_pp{pp}_dp{dp}"
     save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / (stem + ".safetensors")))
     _write_json(tmp / (stem + ".json"), ometa)
@@ -215,17 +226,22 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
     if not meta_path.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
     meta = json.loads(meta_path.read_text())
-    if meta["layout"] != _layout():
+    now = _layout()
+    if meta["layout"] != {k: now[k] for k in meta["layout"]}:  # weights-only checkpoints carry no DP size
         raise CheckpointError(
-            f"{path}: saved with layout {meta['layout']}, this run is {_layout()}; "
-            "reshard the checkpoint to this layout first"
+            f"{path}: saved with layout {meta['layout']}, this run is {now}; "
+            "convert or reshard the checkpoint to this layout first"
         )
+    weights_only = bool(meta.get("weights_only", False))
     tp, pp, dp = _ranks()
     if not (path / INDEX).is_file():
         raise CheckpointError(f"{path / INDEX} missing: not a complete checkpoint")
     index = json.loads((path / INDEX).read_text())
-    for rel in (f"model/tp{tp}_pp{pp}.safetensors", f"optim/tp{tp}_pp{pp}_dp{dp}.safetensors",
-                f"optim/tp{tp}_pp{pp}_dp{dp}.json", f"rng/rank{dist.get_rank()}.safetensors"):
+    needed = [f"model/tp{tp}_pp{pp}.safetensors"]
+    if not weights_only:
+        needed += [f"optim/tp{tp}_pp{pp}_dp{dp}.safetensors", f"optim/tp{tp}_pp{pp}_dp{dp}.json",
+                   f"rng/rank{dist.get_rank()}.safetensors"]
+    for rel in needed:
         verify_file(path, rel, index)
     model_file = path / "model" / f"tp{tp}_pp{pp}.safetensors"
     saved = load_file(str(model_file))
@@ -239,6 +255,9 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
             if params[n].shape != t.shape:
                 raise CheckpointError(f"{model_file}: {n} has shape {tuple(t.shape)}, model {tuple(params[n].shape)}")
             params[n].copy_(t)
+    if weights_only:  # a converted checkpoint: fresh optimizer, whose fp32 master must see these weights
+        optimizer.refresh_fp32_params()
+        return meta
     stem = path / "optim" / f"tp{tp}_pp{pp}_dp{dp}"
     try:
         otensors = load_file(str(stem) + ".safetensors")

@@ -1,0 +1,123 @@
+"""HF Llama directory -> a megafusion training checkpoint at a TP x PP (x VPP) layout.
+
+The checkpoint holds what training updates: for every (tp, pp) shard, the image
+tower of its layers (copies of the Llama weights, sliced for that TP rank), and on
+the first/last stage the <BOI>/<EOI> rows and the U-Nets (initialised exactly as
+the trainer would, from ``seed``; the last stage's tied down-sampler replica too).
+The frozen text tower stays in the HF directory, recorded with its fingerprint.
+It carries no optimizer state (``weights_only``): ``launcher.train`` with
+``checkpoint.load=DIR`` starts from it at step 0.
+
+Streaming: one output shard at a time, reading only the slices that shard needs,
+so peak memory stays near one layer's slices plus one output shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+from megafusion.checkpoint.hf_import import SafetensorsDir, model_config_from_hf, read_hf_config
+from megafusion.config.loader import dump_config
+from megafusion.config.schema import Config
+from megafusion.model.image_io import build_image_in, build_image_out
+from megafusion.parallel.stages import REPLICA, layer_ids_for_chunk
+from megafusion.training.checkpointing import INDEX, file_digest, frozen_source_fingerprint
+
+
+def _unets(cfg: Config, hidden: int, eps: float):
+    """The U-Nets exactly as LlamaFusion/StageModule build them (same seed, same order)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        image_in = build_image_in(cfg.model.image, hidden)
+        image_out = build_image_out(cfg.model.image, hidden, eps)
+    return image_in.state_dict(), image_out.state_dict()
+
+
+def convert_hf_llama(hf_dir: str | Path, out_dir: str | Path, cfg: Config, tp: int, pp: int,
+                     vpp: Optional[int] = None, progress: bool = True) -> Path:
+    """Write ``out_dir`` (atomically) and return it. ``cfg`` supplies the image side and seed."""
+    from tqdm import tqdm
+
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    m = model_config_from_hf(read_hf_config(hf_dir), image=cfg.model.image)
+    vpp = vpp or 1
+    if m.num_layers % (pp * vpp) or m.num_attention_heads % tp or m.num_kv_heads % tp or m.ffn_hidden_size % tp:
+        raise ValueError(f"{hf_dir}: {m.num_layers} layers / {m.num_attention_heads} heads / {m.num_kv_heads} kv heads"
+                         f" / ffn {m.ffn_hidden_size} cannot be split as TP={tp} x PP={pp} x VPP={vpp}")
+    r = SafetensorsDir(hf_dir)
+    d = m.head_dim
+    q_rows, kv_rows, ffn = m.num_attention_heads * d, m.num_kv_heads * d, m.ffn_hidden_size
+    unet_in, unet_out = _unets(cfg, m.hidden_size, m.rms_norm_eps)
+    final_norm = r.get("model.norm.weight")
+    emb = "model.embed_tokens.weight"
+    specials = torch.cat([r.rows(emb, t, t + 1) for t in (m.boi_token_id, m.eoi_token_id)])
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "model").mkdir(parents=True)
+    t0 = time.time()
+    bar = tqdm(total=tp * pp, desc="converting", unit="shard", disable=not progress)
+    index = {}
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            tensors: dict[str, torch.Tensor] = {}
+
+            def rows(name: str, full: int) -> torch.Tensor:
+                a = tp_rank * (full // tp)
+                return r.rows(name, a, a + full // tp)
+
+            def cols(name: str) -> torch.Tensor:
+                full = r.shape(name)[1]
+                a = tp_rank * (full // tp)
+                return r.slice(name)[:, a : a + full // tp]
+
+            for chunk in range(vpp):
+                pre = f"{chunk}.core."
+                first, last = pp_rank == 0 and chunk == 0, pp_rank == pp - 1 and chunk == vpp - 1
+                for i in layer_ids_for_chunk(m.num_layers, pp, vpp, pp_rank, chunk):
+                    p, lp = f"model.layers.{i}.", f"{pre}layers.{i}."
+                    tensors[lp + "qkv.image.weight"] = torch.cat([
+                        rows(p + "self_attn.q_proj.weight", q_rows), rows(p + "self_attn.k_proj.weight", kv_rows),
+                        rows(p + "self_attn.v_proj.weight", kv_rows)], 0)
+                    tensors[lp + "qkv.norm.image"] = r.get(p + "input_layernorm.weight")
+                    tensors[lp + "o.image.weight"] = cols(p + "self_attn.o_proj.weight")
+                    tensors[lp + "gate_up.image.weight"] = torch.cat(
+                        [rows(p + "mlp.gate_proj.weight", ffn), rows(p + "mlp.up_proj.weight", ffn)], 0)
+                    tensors[lp + "gate_up.norm.image"] = r.get(p + "post_attention_layernorm.weight")
+                    tensors[lp + "down.image.weight"] = cols(p + "mlp.down_proj.weight")
+                if first:
+                    tensors[pre + "special_embedding"] = specials
+                    tensors.update({pre + "image_in." + k: v for k, v in unet_in.items()})
+                if last:
+                    out_sd = dict(unet_out)
+                    if "norm_in.weight" in out_sd:
+                        out_sd["norm_in.weight"] = final_norm
+                    tensors.update({pre + "image_out." + k: v for k, v in out_sd.items()})
+                    if not first and cfg.model.image.io == "unet":
+                        tensors.update({f"{chunk}.{REPLICA}." + k: v for k, v in unet_in.items()})
+            rel = f"model/tp{tp_rank}_pp{pp_rank}.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / rel))
+            index[rel] = file_digest(tmp / rel)
+            del tensors
+            bar.update(1)
+    bar.close()
+    layout = {"tp": tp, "pp": pp, "vpp": vpp}
+    meta = {"step": 0, "weights_only": True, "layout": layout, "frozen_source": frozen_source_fingerprint(hf_dir),
+            "converted_from": str(hf_dir), "seconds": round(time.time() - t0, 2)}
+    (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
+    dump_config(cfg, tmp / "config.yaml")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
