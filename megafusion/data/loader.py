@@ -21,7 +21,6 @@ import random
 from typing import Iterator, Optional
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from megafusion.config.schema import Config

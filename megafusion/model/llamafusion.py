@@ -32,7 +32,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 
-from megafusion.config.schema import ModelConfig
+from megafusion.config.schema import ImageConfig, ModelConfig
 from megafusion.model.attention_core import AttentionMask
 from megafusion.model.batch import FusionBatch
 from megafusion.model.image_io import build_image_in, build_image_out
@@ -137,7 +137,7 @@ class LlamaFusion(nn.Module):
         cls,
         path: str,
         *,
-        image: Optional["ImageConfig"] = None,  # noqa: F821
+        image: Optional[ImageConfig] = None,
         pctx: Optional[ParallelContext] = None,
         seed: int = 1234,
         **model_overrides,
