@@ -20,8 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from megafusion.checkpoint.gather import shard_kind
-from megafusion.checkpoint.tp_layout import gate_up_unshard, qkv_unshard
+from megafusion.checkpoint.gather import shard_kind, unshard
 from megafusion.config.loader import config_from_dict
 from megafusion.training.checkpointing import INDEX, CheckpointError, frozen_source_fingerprint, verify_file
 
@@ -64,19 +63,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
             canon = _canonical(name)
             if canon is not None:
                 shards[canon][tp_rank] = t
-    full: dict[str, torch.Tensor] = {}
-    d = m.head_dim
-    for name, by_rank in shards.items():
-        parts = [by_rank[r] for r in sorted(by_rank)]
-        kind = shard_kind(name)
-        if kind == "qkv":
-            full[name] = torch.cat(qkv_unshard(parts, m.num_attention_heads * d, m.num_kv_heads * d), 0)
-        elif kind == "gate_up":
-            full[name] = torch.cat(gate_up_unshard(parts), 0)
-        elif kind == "row":
-            full[name] = torch.cat(parts, 1)
-        else:
-            full[name] = parts[0]
+    full = {name: unshard(name, [by_rank[r] for r in sorted(by_rank)], m) for name, by_rank in shards.items()}
 
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():

@@ -39,13 +39,20 @@ def gather_full(model, which: Literal["param", "grad"] = "param") -> dict[str, t
             dist.all_gather(shards, t.contiguous(), group=pctx.tp_group)
         else:
             shards = [t]
-        if kind == "qkv":
-            d = cfg.head_dim
-            out[name] = torch.cat(qkv_unshard(shards, cfg.num_attention_heads * d, cfg.num_kv_heads * d), 0)
-        elif kind == "gate_up":
-            out[name] = torch.cat(gate_up_unshard(shards), 0)
-        elif kind == "row":
-            out[name] = torch.cat(shards, 1)
-        else:
-            out[name] = vocab_unshard(shards, cfg.vocab_size)
+        out[name] = unshard(name, shards, cfg)
     return out
+
+
+def unshard(name: str, shards: list[torch.Tensor], cfg) -> torch.Tensor:
+    """The full tensor of parameter ``name`` from its TP shards in rank order (one shard if replicated)."""
+    kind = shard_kind(name)
+    if kind == "qkv":
+        d = cfg.head_dim
+        return torch.cat(qkv_unshard(shards, cfg.num_attention_heads * d, cfg.num_kv_heads * d), 0)
+    if kind == "gate_up":
+        return torch.cat(gate_up_unshard(shards), 0)
+    if kind == "row":
+        return torch.cat(shards, 1)
+    if kind == "vocab":
+        return vocab_unshard(shards, cfg.vocab_size)
+    return shards[0]

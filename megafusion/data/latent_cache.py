@@ -32,6 +32,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from megafusion.durable import fsync_path
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MAX_MEMBER_BYTES = 256 * 2**20
 SKIP_REASONS = ("missing_image", "missing_caption", "corrupt_image", "truncated_image", "too_small",
@@ -185,14 +187,6 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def done_record(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".done.json")
 
@@ -246,12 +240,12 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions,
         counts["skipped/" + bad.reason] += 1
     flush()
     writer.close()
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, out_path)
     record = {"input": in_url, "output": out_path.name, "seconds": round(time.time() - t0, 3), **counts}
     rec_path = done_record(out_path)
     rec_tmp = rec_path.with_name(rec_path.name + ".tmp")
     rec_tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    _fsync(rec_tmp)
+    fsync_path(rec_tmp)
     os.replace(rec_tmp, rec_path)
     return record

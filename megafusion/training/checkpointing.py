@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from megafusion.config.loader import dump_config
 from megafusion.config.schema import Config
+from megafusion.durable import fsync_path
 
 LATEST = "latest"
 INDEX = "index.json"
@@ -57,15 +58,6 @@ def _layout() -> dict[str, int]:
         "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
         "dp": ps.get_data_parallel_world_size(),
     }
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a directory entry) to disk before it is published by a rename."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _ranks() -> tuple[int, int, int]:
@@ -192,7 +184,7 @@ def save_checkpoint(
     save_file(rng, str(tmp / "rng" / f"rank{rank}.safetensors"))
     written.append(f"rng/rank{rank}.safetensors")
     for rel in written:
-        _fsync(tmp / rel)
+        fsync_path(tmp / rel)
     digests = {rel: file_digest(tmp / rel) for rel in written}  # each rank hashes its own files
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, digests)
@@ -203,11 +195,11 @@ def save_checkpoint(
         _write_json(tmp / "meta.json", {"step": step, "layout": _layout(), "time": time.time(),
                                          "world_size": dist.get_world_size(), **extra})
         for small in (INDEX, "meta.json", "config.yaml"):
-            _fsync(tmp / small)
+            fsync_path(tmp / small)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(save_dir)
+        fsync_path(save_dir)
         pointer_tmp = save_dir / (LATEST + ".tmp")
         pointer_tmp.write_text(name + "\n")
         os.replace(pointer_tmp, save_dir / LATEST)
