@@ -24,7 +24,13 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from megafusion.checkpoint.hf_import import SafetensorsDir, model_config_from_hf, read_hf_config
+from megafusion.checkpoint.hf_import import (
+    SafetensorsDir,
+    layer_shards,
+    model_config_from_hf,
+    read_hf_config,
+    special_rows,
+)
 from megafusion.config.loader import dump_config
 from megafusion.config.schema import Config
 from megafusion.model.image_io import build_image_in, build_image_out
@@ -53,12 +59,9 @@ def convert_hf_llama(hf_dir: str | Path, out_dir: str | Path, cfg: Config, tp: i
         raise ValueError(f"{hf_dir}: {m.num_layers} layers / {m.num_attention_heads} heads / {m.num_kv_heads} kv heads"
                          f" / ffn {m.ffn_hidden_size} cannot be split as TP={tp} x PP={pp} x VPP={vpp}")
     r = SafetensorsDir(hf_dir)
-    d = m.head_dim
-    q_rows, kv_rows, ffn = m.num_attention_heads * d, m.num_kv_heads * d, m.ffn_hidden_size
     unet_in, unet_out = _unets(cfg, m.hidden_size, m.rms_norm_eps)
     final_norm = r.get("model.norm.weight")
-    emb = "model.embed_tokens.weight"
-    specials = torch.cat([r.rows(emb, t, t + 1) for t in (m.boi_token_id, m.eoi_token_id)])
+    specials = special_rows(r, m.boi_token_id, m.eoi_token_id)
 
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -71,29 +74,13 @@ def convert_hf_llama(hf_dir: str | Path, out_dir: str | Path, cfg: Config, tp: i
         for tp_rank in range(tp):
             tensors: dict[str, torch.Tensor] = {}
 
-            def rows(name: str, full: int) -> torch.Tensor:
-                a = tp_rank * (full // tp)
-                return r.rows(name, a, a + full // tp)
-
-            def cols(name: str) -> torch.Tensor:
-                full = r.shape(name)[1]
-                a = tp_rank * (full // tp)
-                return r.slice(name)[:, a : a + full // tp]
-
             for chunk in range(vpp):
                 pre = f"{chunk}.core."
                 first, last = pp_rank == 0 and chunk == 0, pp_rank == pp - 1 and chunk == vpp - 1
                 for i in layer_ids_for_chunk(m.num_layers, pp, vpp, pp_rank, chunk):
-                    p, lp = f"model.layers.{i}.", f"{pre}layers.{i}."
-                    tensors[lp + "qkv.image.weight"] = torch.cat([
-                        rows(p + "self_attn.q_proj.weight", q_rows), rows(p + "self_attn.k_proj.weight", kv_rows),
-                        rows(p + "self_attn.v_proj.weight", kv_rows)], 0)
-                    tensors[lp + "qkv.norm.image"] = r.get(p + "input_layernorm.weight")
-                    tensors[lp + "o.image.weight"] = cols(p + "self_attn.o_proj.weight")
-                    tensors[lp + "gate_up.image.weight"] = torch.cat(
-                        [rows(p + "mlp.gate_proj.weight", ffn), rows(p + "mlp.up_proj.weight", ffn)], 0)
-                    tensors[lp + "gate_up.norm.image"] = r.get(p + "post_attention_layernorm.weight")
-                    tensors[lp + "down.image.weight"] = cols(p + "mlp.down_proj.weight")
+                    for rel, t in layer_shards(r, i, tp, tp_rank).items():  # the image tower = a copy
+                        proj, kind = rel.split(".")
+                        tensors[f"{pre}layers.{i}.{proj}.{'image.weight' if kind == 'weight' else 'norm.image'}"] = t
                 if first:
                     tensors[pre + "special_embedding"] = specials
                     tensors.update({pre + "image_in." + k: v for k, v in unet_in.items()})

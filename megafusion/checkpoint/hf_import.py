@@ -120,6 +120,42 @@ class SafetensorsDir:
     def shape(self, name: str) -> list[int]:
         return list(self.slice(name).get_shape())
 
+    def tp_rows(self, name: str, tp: int, rank: int) -> torch.Tensor:
+        """This TP rank's block of output rows (column-parallel layout)."""
+        step = self.shape(name)[0] // tp
+        return self.rows(name, rank * step, (rank + 1) * step)
+
+    def tp_cols(self, name: str, tp: int, rank: int) -> torch.Tensor:
+        """This TP rank's block of input columns (row-parallel layout)."""
+        step = self.shape(name)[1] // tp
+        return self.slice(name)[:, rank * step : (rank + 1) * step]
+
+
+LAYER_SOURCES = {  # routed-layer tensor -> the HF tensors it is made of (for error messages)
+    "qkv.weight": "self_attn.{q,k,v}_proj.weight", "qkv.norm": "input_layernorm.weight",
+    "o.weight": "self_attn.o_proj.weight", "gate_up.weight": "mlp.{gate,up}_proj.weight",
+    "gate_up.norm": "post_attention_layernorm.weight", "down.weight": "mlp.down_proj.weight",
+}
+
+
+def layer_shards(r: SafetensorsDir, layer: int | str, tp: int, rank: int) -> dict[str, torch.Tensor]:
+    """HF layer ``layer`` as one tower of a routed layer on TP rank ``rank`` (fused per-rank qkv / gate_up)."""
+    p = f"model.layers.{layer}."
+    return {
+        "qkv.weight": torch.cat([r.tp_rows(p + f"self_attn.{x}_proj.weight", tp, rank) for x in "qkv"], 0),
+        "qkv.norm": r.get(p + "input_layernorm.weight"),
+        "o.weight": r.tp_cols(p + "self_attn.o_proj.weight", tp, rank),
+        "gate_up.weight": torch.cat([r.tp_rows(p + f"mlp.{x}_proj.weight", tp, rank) for x in ("gate", "up")], 0),
+        "gate_up.norm": r.get(p + "post_attention_layernorm.weight"),
+        "down.weight": r.tp_cols(p + "mlp.down_proj.weight", tp, rank),
+    }
+
+
+def special_rows(r: SafetensorsDir, boi: int, eoi: int) -> torch.Tensor:
+    """The embedding rows of <BOI> and <EOI> [2, h]."""
+    name = "model.embed_tokens.weight"
+    return torch.cat([r.rows(name, t, t + 1) for t in (boi, eoi)])
+
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
@@ -132,20 +168,9 @@ def load_hf_llama(model, path: str | Path) -> None:
     """Copy this rank's shards of the HF Llama weights into ``model``'s text tower (any TP, any stage)."""
     r = SafetensorsDir(path)
     cfg, tp, rank = model.cfg, model.pctx.tp_size, model.pctx.tp_rank
-    head_rows = cfg.head_dim
-    q_rows, kv_rows = cfg.num_attention_heads * head_rows, cfg.num_kv_heads * head_rows
     n_layers_hf = sum(1 for k in r.weight_map if k.endswith("self_attn.q_proj.weight"))
     if n_layers_hf != cfg.num_layers:
         raise HFCheckpointError(f"{path}: checkpoint has {n_layers_hf} layers, model.num_layers={cfg.num_layers}")
-
-    def col_rows(name: str, full: int) -> torch.Tensor:
-        a = rank * (full // tp)
-        return r.rows(name, a, a + full // tp)
-
-    def row_cols(name: str) -> torch.Tensor:  # this rank's input columns only
-        full = r.shape(name)[1]
-        a = rank * (full // tp)
-        return r.slice(name)[:, a : a + full // tp]
 
     def vocab_rows(name: str) -> torch.Tensor:  # this rank's rows of the padded vocab, zeros past the end
         per = model.padded_vocab // tp
@@ -161,25 +186,13 @@ def load_hf_llama(model, path: str | Path) -> None:
     if model.pre_process:
         name = "model.embed_tokens.weight"
         _copy(model.embedding.weight, vocab_rows(name), name)
-        specials = torch.cat([r.rows(name, t, t + 1) for t in (cfg.boi_token_id, cfg.eoi_token_id)])
-        _copy(model.special_embedding, specials, "<BOI>/<EOI> embedding rows")
+        _copy(model.special_embedding, special_rows(r, cfg.boi_token_id, cfg.eoi_token_id),
+              "<BOI>/<EOI> embedding rows")
     for key, layer in model.layers.items():
-        p = f"model.layers.{key}."
-        qkv = torch.cat([
-            col_rows(p + "self_attn.q_proj.weight", q_rows),
-            col_rows(p + "self_attn.k_proj.weight", kv_rows),
-            col_rows(p + "self_attn.v_proj.weight", kv_rows),
-        ], 0)
-        _copy(layer.qkv.text.weight, qkv, p + "self_attn.{q,k,v}_proj.weight")
-        _copy(layer.qkv.norm.text, r.get(p + "input_layernorm.weight"), p + "input_layernorm.weight")
-        _copy(layer.o.text.weight, row_cols(p + "self_attn.o_proj.weight"), p + "self_attn.o_proj.weight")
-        gu = torch.cat([
-            col_rows(p + "mlp.gate_proj.weight", cfg.ffn_hidden_size),
-            col_rows(p + "mlp.up_proj.weight", cfg.ffn_hidden_size),
-        ], 0)
-        _copy(layer.gate_up.text.weight, gu, p + "mlp.{gate,up}_proj.weight")
-        _copy(layer.gate_up.norm.text, r.get(p + "post_attention_layernorm.weight"), p + "post_attention_layernorm.weight")
-        _copy(layer.down.text.weight, row_cols(p + "mlp.down_proj.weight"), p + "mlp.down_proj.weight")
+        for rel, t in layer_shards(r, key, tp, rank).items():
+            proj, kind = rel.split(".")
+            dst = getattr(layer, proj).text.weight if kind == "weight" else getattr(layer, proj).norm.text
+            _copy(dst, t, f"model.layers.{key}.{LAYER_SOURCES[rel]}")
     if model.post_process:
         _copy(model.final_norm.weight, r.get("model.norm.weight"), "model.norm.weight")
         head_name = "lm_head.weight" if "lm_head.weight" in r else "model.embed_tokens.weight"

@@ -52,14 +52,5 @@ def gate_up_unshard(shards: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(gates, 0), torch.cat(ups, 0)
 
 
-def vocab_shard(w: torch.Tensor, padded: int, tp: int, rank: int) -> torch.Tensor:
-    """Rows of this rank of the vocab-padded matrix (padding rows are zeros)."""
-    a, b = _chunk(padded, tp, rank)
-    out = torch.zeros(b - a, w.shape[1], dtype=w.dtype)
-    real = w[a : min(b, w.shape[0])]
-    out[: real.shape[0]] = real
-    return out
-
-
 def vocab_unshard(shards: list[torch.Tensor], vocab: int) -> torch.Tensor:
     return torch.cat(shards, 0)[:vocab]

@@ -19,6 +19,11 @@ from megafusion.diffusion.schedule import CosineSchedule
 from megafusion.model.batch import FusionBatch
 
 
+def item_seed(cfg: Config, step: int, micro: int, dp_rank: int) -> int:
+    """Seed of the randomness of micro-batch ``micro`` of ``step`` on DP rank ``dp_rank``."""
+    return ((cfg.seed * 1_000_003 + step) * 4099 + micro) * 131 + dp_rank
+
+
 @dataclass
 class TrainItem:
     batch: FusionBatch  # latents are noised: x_t
@@ -34,7 +39,7 @@ class SyntheticStream:
         self.caption_len = (4, 12)  # [min, max) caption tokens of a synthetic document
 
     def item(self, step: int, micro: int) -> TrainItem:
-        seed = ((self.cfg.seed * 1_000_003 + step) * 4099 + micro) * 131 + self.dp_rank
+        seed = item_seed(self.cfg, step, micro, self.dp_rank)
         clean = synthetic_batch(self.cfg, seed=seed, caption_len=self.caption_len)
         g = torch.Generator().manual_seed(seed + 17)
         noise = torch.randn(clean.latents.shape, generator=g)
@@ -69,8 +74,7 @@ class LoaderStream:
             self._it = iter(make_loader(self.cfg, self.dp_rank, self.dp_size, start_batch=want))
         clean = next(self._it)
         self.position += 1
-        seed = ((self.cfg.seed * 1_000_003 + step) * 4099 + micro) * 131 + self.dp_rank
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(item_seed(self.cfg, step, micro, self.dp_rank))
         n = clean.num_images
         if n == 0:
             return TrainItem(clean.to(self.device), torch.zeros(0))

@@ -46,11 +46,7 @@ from megafusion.parallel.megatron_config import (
     resolve_params_dtype,
 )
 from megafusion.parallel.process_groups import ParallelContext, init_model_parallel
-from megafusion.parallel.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear
-
-
-def _no_init(_: torch.Tensor) -> None:
-    pass
+from megafusion.parallel.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear, no_init
 
 
 @dataclass
@@ -108,7 +104,7 @@ class LlamaFusion(nn.Module):
             image_out = build_image_out(img, h, cfg.rms_norm_eps)
         if pre_process:
             self.embedding = VocabParallelEmbedding(
-                self.padded_vocab, h, init_method=_no_init, config=self.config, tp_group=pctx.tp_group
+                self.padded_vocab, h, init_method=no_init, config=self.config, tp_group=pctx.tp_group
             )
             self.special_embedding = nn.Parameter(torch.zeros(2, h, dtype=dtype, device=device))
             self.image_in = image_in.to(device=device, dtype=dtype)
@@ -117,7 +113,7 @@ class LlamaFusion(nn.Module):
         if post_process:
             self.final_norm = RMSNorm(h, cfg.rms_norm_eps, dtype).to(device)
             self.lm_head = ColumnParallelLinear(
-                h, self.padded_vocab, config=self.config, init_method=_no_init, bias=False,
+                h, self.padded_vocab, config=self.config, init_method=no_init, bias=False,
                 gather_output=False, skip_bias_add=True, disable_grad_reduce=True, tp_group=pctx.tp_group,
             )
             self.image_out = image_out.to(device=device, dtype=dtype)

@@ -9,8 +9,24 @@ group before the optimizer sees them, as megatron-core's
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
+
+
+def flat_collective(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], object],
+                    write_back: bool = True) -> None:
+    """Run ``collective`` once on the concatenation of ``tensors`` (one message, not one per
+    tensor) and, if ``write_back``, copy the result into them."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    collective(flat)
+    if write_back:
+        offset = 0
+        with torch.no_grad():
+            for t in tensors:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 def allreduce_sequence_parallel_grads(model: torch.nn.Module, tp_group: dist.ProcessGroup) -> None:
@@ -22,10 +38,4 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module, tp_group: dist.Pro
     for p in params:  # a rank whose shard held no token of a modality has no grad: treat as zeros
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, group=tp_group)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-        offset += n
+    flat_collective([p.grad for p in params], lambda flat: dist.all_reduce(flat, group=tp_group))

@@ -46,7 +46,7 @@ from megafusion.parallel.process_groups import ParallelContext
 TOWERS = ("text", "image")
 
 
-def _no_init(_: torch.Tensor) -> None:
+def no_init(_: torch.Tensor) -> None:
     """Weights are loaded (HF import) or initialised by the model's own init pass."""
 
 
@@ -105,7 +105,7 @@ class RoutedColumnParallelLinear(nn.Module):
         )
         for tower in TOWERS:
             lin = ColumnParallelLinear(
-                input_size, output_size, config=config, init_method=_no_init, bias=False,
+                input_size, output_size, config=config, init_method=no_init, bias=False,
                 gather_output=False, skip_bias_add=True, disable_grad_reduce=True, tp_group=pctx.tp_group,
             )
             _ensure_tp_attributes(lin.weight, 0)
@@ -153,7 +153,7 @@ class RoutedRowParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         for tower in TOWERS:
             lin = RowParallelLinear(
-                input_size, output_size, config=config, init_method=_no_init, bias=False,
+                input_size, output_size, config=config, init_method=no_init, bias=False,
                 input_is_parallel=True, skip_bias_add=True, tp_group=pctx.tp_group,
             )
             _ensure_tp_attributes(lin.weight, 1)

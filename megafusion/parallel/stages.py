@@ -28,6 +28,7 @@ from megatron.core.enums import ModelType
 from megafusion.config.schema import Config
 from megafusion.model.image_io import build_image_in
 from megafusion.model.llamafusion import LlamaFusion
+from megafusion.parallel.grads import flat_collective
 from megafusion.parallel.process_groups import ParallelContext
 
 REPLICA = "skip_encoder_replica"
@@ -142,14 +143,10 @@ def sync_replica_grads(models: list[StageModule]) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, group=ps.get_embedding_group())
-    if ps.is_pipeline_first_stage(ignore_virtual=True):
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-    else:  # the replica is not optimized: its weights come from the first stage after the step
+    first = ps.is_pipeline_first_stage(ignore_virtual=True)
+    flat_collective([p.grad for p in params], lambda flat: dist.all_reduce(flat, group=ps.get_embedding_group()),
+                    write_back=first)
+    if not first:  # the replica is not optimized: its weights come from the first stage after the step
         for p in params:
             p.grad = None
 
@@ -163,14 +160,8 @@ def broadcast_replica_weights(models: list[StageModule]) -> None:
         return
     group = ps.get_embedding_group()
     src = dist.get_global_rank(group, 0)
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    dist.broadcast(flat, src=src, group=group)
-    if not ps.is_pipeline_first_stage(ignore_virtual=True):
-        offset = 0
-        with torch.no_grad():
-            for p in params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+    flat_collective([p.detach() for p in params], lambda flat: dist.broadcast(flat, src=src, group=group),
+                    write_back=not ps.is_pipeline_first_stage(ignore_virtual=True))
 
 
 def _tied_params(models: list[StageModule]) -> Optional[list[nn.Parameter]]:

@@ -64,13 +64,17 @@ def _ranks() -> tuple[int, int, int]:
     return ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank()
 
 
-def file_digest(path: Path) -> dict[str, Any]:
-    """Size and sha256 of a file, plus shape/dtype of every tensor for safetensors files."""
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return h.hexdigest()
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file, plus shape/dtype of every tensor for safetensors files."""
+    entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
             entry["tensors"] = {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": f.get_slice(k).get_dtype()}
@@ -89,12 +93,9 @@ def verify_file(root: Path, rel: str, index: dict[str, Any]) -> None:
     size = path.stat().st_size
     if size != want["bytes"]:
         raise CheckpointError(f"{path}: {size} bytes, the index says {want['bytes']} (truncated or overwritten)")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    if h.hexdigest() != want["sha256"]:
-        raise CheckpointError(f"{path}: sha256 {h.hexdigest()[:12]}... differs from the index's "
+    digest = _sha256(path)
+    if digest != want["sha256"]:
+        raise CheckpointError(f"{path}: sha256 {digest[:12]}... differs from the index's "
                               f"{want['sha256'][:12]}... (corrupted)")
 
 

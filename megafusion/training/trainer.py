@@ -155,13 +155,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def _forward_step(self, data_iterator, model):
         item: TrainItem = next(data_iterator)
-        out = model(item.batch, item.noise)
-
-        def loss_func(output):
-            loss, parts = output
-            return loss, parts
-
-        return out, loss_func
+        # the last stage's forward already returns (loss, logged parts), which is what megatron wants back
+        return model(item.batch, item.noise), lambda output: output
 
     def train_step(self) -> StepStats:
         cfg = self.cfg
@@ -176,7 +171,7 @@ class Trainer:
             data_iterator=[iter(items) for _ in self.models] if len(self.models) > 1 else iter(items),
             model=self.models,
             num_microbatches=self.num_micro,
-            seq_length=self._pipeline_seq_length(),
+            seq_length=cfg.data.seq_length,
             micro_batch_size=cfg.data.micro_batch_size,
             forward_only=False,
         )
@@ -210,9 +205,6 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         return self._stats(stats, grad_norm, lr, dt, items)
-
-    def _pipeline_seq_length(self) -> int:
-        return self.cfg.data.seq_length
 
     def _poison_grads(self) -> None:
         for p in self.trainable_parameters():
