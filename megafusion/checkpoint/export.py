@@ -20,21 +20,13 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from megafusion.checkpoint.gather import shard_kind, unshard
+from megafusion.checkpoint.gather import canonical_name, shard, unshard
 from megafusion.config.loader import config_from_dict
 from megafusion.training.checkpointing import INDEX, CheckpointError, frozen_source_fingerprint, verify_file
 
 IMAGE_FILE = "megafusion_image.safetensors"
 CONFIG_FILE = "megafusion_config.json"
 _HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
-
-
-def _canonical(name: str) -> str | None:
-    """'1.core.layers.3.qkv.image.weight' -> 'layers.3.qkv.image.weight'; None for tied replicas."""
-    parts = name.split(".")
-    if len(parts) > 2 and parts[1] == "core":
-        return ".".join(parts[2:])
-    return None  # e.g. '1.skip_encoder_replica.*' (a copy of image_in on the last stage)
 
 
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> Path:
@@ -60,7 +52,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
         verify_file(ckpt, rel, index)
         tp_rank = int(rel.split("/")[1].split("_")[0][2:])  # model/tp{t}_pp{p}.safetensors
         for name, t in load_file(str(ckpt / rel)).items():
-            canon = _canonical(name)
+            canon = canonical_name(name)
             if canon is not None:
                 shards[canon][tp_rank] = t
     full = {name: unshard(name, [by_rank[r] for r in sorted(by_rank)], m) for name, by_rank in shards.items()}
@@ -85,28 +77,16 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
 @torch.no_grad()
 def load_image_side(model, path: str | Path) -> None:
     """Copy this rank's shards of the exported image-side tensors into ``model`` (any TP size)."""
-    from megafusion.checkpoint.tp_layout import gate_up_shard, qkv_shard, row_shard
     from megafusion.model.llamafusion import is_text_tower_param
 
     tensors = load_file(str(path))
     cfg, tp, rank = model.cfg, model.pctx.tp_size, model.pctx.tp_rank
-    d = cfg.head_dim
     for name, p in model.named_parameters():
         if is_text_tower_param(name):
             continue
         if name not in tensors:
             raise CheckpointError(f"{path}: no tensor {name!r} (exported from a different model config?)")
-        full = tensors[name]
-        kind = shard_kind(name)
-        if kind == "qkv":
-            q, k, v = full.split([cfg.num_attention_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d], 0)
-            local = qkv_shard(q, k, v, tp, rank)
-        elif kind == "gate_up":
-            local = gate_up_shard(*full.chunk(2, 0), tp, rank)
-        elif kind == "row":
-            local = row_shard(full, tp, rank)
-        else:
-            local = full
+        local = shard(name, tensors[name], cfg, tp, rank)
         if tuple(local.shape) != tuple(p.shape):
             raise CheckpointError(f"{path}: {name} gives a shard of {tuple(local.shape)}, the model has {tuple(p.shape)}")
         p.copy_(local.to(dtype=p.dtype, device=p.device))

@@ -11,7 +11,14 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from megafusion.checkpoint.tp_layout import gate_up_unshard, qkv_unshard, vocab_unshard
+from megafusion.checkpoint.tp_layout import (
+    gate_up_shard,
+    gate_up_unshard,
+    qkv_shard,
+    qkv_unshard,
+    row_shard,
+    vocab_unshard,
+)
 
 
 def shard_kind(name: str) -> str:
@@ -22,6 +29,17 @@ def shard_kind(name: str) -> str:
     if parts[0] == "layers" and parts[-1] == "weight" and parts[-2] in ("text", "image"):
         return {"qkv": "qkv", "gate_up": "gate_up", "o": "row", "down": "row"}[parts[2]]
     return "replicated"
+
+
+def canonical_name(name: str) -> str | None:
+    """Checkpoint key -> layout-independent name: '1.core.layers.3.qkv.image.weight' -> 'layers.3.qkv.image.weight'.
+
+    None for the last stage's tied U-Net replica ('1.skip_encoder_replica.*'), a copy of image_in.
+    """
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1] == "core":
+        return ".".join(parts[2:])
+    return None
 
 
 def gather_full(model, which: Literal["param", "grad"] = "param") -> dict[str, torch.Tensor]:
@@ -56,3 +74,19 @@ def unshard(name: str, shards: list[torch.Tensor], cfg) -> torch.Tensor:
     if kind == "vocab":
         return vocab_unshard(shards, cfg.vocab_size)
     return shards[0]
+
+
+def shard(name: str, full: torch.Tensor, cfg, tp: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s shard of parameter ``name`` at TP size ``tp``: the inverse of :func:`unshard`."""
+    kind = shard_kind(name)
+    if kind == "qkv":
+        d = cfg.head_dim
+        q, k, v = full.split([cfg.num_attention_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d], 0)
+        return qkv_shard(q, k, v, tp, rank)
+    if kind == "gate_up":
+        return gate_up_shard(*full.chunk(2, 0), tp, rank)
+    if kind == "row":
+        return row_shard(full, tp, rank)
+    if kind == "vocab":
+        raise ValueError(f"{name}: vocab-parallel tensors are frozen and never resharded")
+    return full

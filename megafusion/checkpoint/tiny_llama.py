@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -11,15 +12,20 @@ from megafusion.config.schema import ModelConfig
 MAX_RANDOM_PARAMS = 50_000_000
 
 
-def write_random_hf_llama(cfg: ModelConfig, path: str | Path, seed: int = 0) -> Path:
-    """Save a random LlamaForCausalLM with cfg's dimensions (safetensors) to ``path`` unless one is there."""
+def write_random_hf_llama(cfg: ModelConfig, path: str | Path, seed: int = 0,
+                          max_params: Optional[int] = MAX_RANDOM_PARAMS) -> Path:
+    """Save a random LlamaForCausalLM with cfg's dimensions (safetensors) to ``path`` unless one is there.
+
+    ``max_params`` guards against building a preset-sized random model by mistake
+    (benchmarks raise it; None = no limit).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     if (path / "config.json").is_file():
         return path
     approx = cfg.num_layers * (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.ffn_hidden_size)
-    if approx > MAX_RANDOM_PARAMS:
+    if max_params is not None and approx > max_params:
         raise ValueError(
             f"refusing to build a random {approx / 1e9:.1f}B-parameter Llama: set checkpoint.hf_llama to a "
             "real Hugging Face Llama directory for this preset"

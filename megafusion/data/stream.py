@@ -19,9 +19,14 @@ from megafusion.diffusion.schedule import CosineSchedule
 from megafusion.model.batch import FusionBatch
 
 
-def item_seed(cfg: Config, step: int, micro: int, dp_rank: int) -> int:
-    """Seed of the randomness of micro-batch ``micro`` of ``step`` on DP rank ``dp_rank``."""
-    return ((cfg.seed * 1_000_003 + step) * 4099 + micro) * 131 + dp_rank
+def item_seed(cfg: Config, step: int, index: int) -> int:
+    """Seed of the randomness of micro-batch ``index`` of ``step``, counted over the whole global batch.
+
+    ``index = dp_rank * micro_batches_per_step + micro``: the global batch of a step is
+    the same set of micro-batches at every DP size, so a run resumed at another DP
+    size (a resharded checkpoint) sees the batches an unresharded run would have.
+    """
+    return ((cfg.seed * 1_000_003 + step) * 4099 + index) * 131
 
 
 @dataclass
@@ -33,13 +38,14 @@ class TrainItem:
 class SyntheticStream:
     """Synthetic packed batches (until the latent-shard loader lands), noised with the cosine schedule."""
 
-    def __init__(self, cfg: Config, dp_rank: int, device: torch.device):
+    def __init__(self, cfg: Config, dp_rank: int, device: torch.device, micro_per_step: int):
         self.cfg, self.dp_rank, self.device = cfg, dp_rank, device
+        self.micro_per_step = micro_per_step
         self.schedule = CosineSchedule(cfg.diffusion.num_timesteps)
         self.caption_len = (4, 12)  # [min, max) caption tokens of a synthetic document
 
     def item(self, step: int, micro: int) -> TrainItem:
-        seed = item_seed(self.cfg, step, micro, self.dp_rank)
+        seed = item_seed(self.cfg, step, self.dp_rank * self.micro_per_step + micro)
         clean = synthetic_batch(self.cfg, seed=seed, caption_len=self.caption_len)
         g = torch.Generator().manual_seed(seed + 17)
         noise = torch.randn(clean.latents.shape, generator=g)
@@ -74,7 +80,7 @@ class LoaderStream:
             self._it = iter(make_loader(self.cfg, self.dp_rank, self.dp_size, start_batch=want))
         clean = next(self._it)
         self.position += 1
-        g = torch.Generator().manual_seed(item_seed(self.cfg, step, micro, self.dp_rank))
+        g = torch.Generator().manual_seed(item_seed(self.cfg, step, self.dp_rank * self.micro_per_step + micro))
         n = clean.num_images
         if n == 0:
             return TrainItem(clean.to(self.device), torch.zeros(0))

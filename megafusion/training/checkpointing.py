@@ -141,7 +141,7 @@ def _optimizer_tensors(optimizer, model: torch.nn.Module) -> tuple[dict[str, tor
         state = inner.state.get(master, {})
         g: dict[str, Any] = {
             "numel": master.numel(),
-            "params": [[names.get(id(p), "?"), p.numel()] for p in optimizer.bit16_groups[i]],
+            "params": [[names.get(id(p), "?"), p.numel()] for p in flat_group_order(optimizer, i)],
             "weight_decay": optimizer.optimizer.param_groups[i].get("weight_decay", 0.0),
         }
         for key, val in state.items():
@@ -151,6 +151,11 @@ def _optimizer_tensors(optimizer, model: torch.nn.Module) -> tuple[dict[str, tor
                 tensors[f"group{i}.{key}"] = val.detach().contiguous()
         meta["groups"].append(g)
     return tensors, meta
+
+
+def flat_group_order(optimizer, i: int) -> list[torch.nn.Parameter]:
+    """The parameters of ZeRO flat group ``i`` in buffer order (DeepSpeed may deal them round-robin)."""
+    return list(getattr(optimizer, "round_robin_bit16_groups", optimizer.bit16_groups)[i])
 
 
 def save_checkpoint(
@@ -226,14 +231,17 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
             "convert or reshard the checkpoint to this layout first"
         )
     weights_only = bool(meta.get("weights_only", False))
+    universal = meta.get("optimizer_format") == "universal"  # written by the resharder, any DP size
     tp, pp, dp = _ranks()
     if not (path / INDEX).is_file():
         raise CheckpointError(f"{path / INDEX} missing: not a complete checkpoint")
     index = json.loads((path / INDEX).read_text())
+    stem = f"optim/tp{tp}_pp{pp}" if universal else f"optim/tp{tp}_pp{pp}_dp{dp}"
     needed = [f"model/tp{tp}_pp{pp}.safetensors"]
     if not weights_only:
-        needed += [f"optim/tp{tp}_pp{pp}_dp{dp}.safetensors", f"optim/tp{tp}_pp{pp}_dp{dp}.json",
-                   f"rng/rank{dist.get_rank()}.safetensors"]
+        needed += [stem + ".safetensors", stem + ".json"]
+    if not weights_only and meta.get("rng", True):
+        needed.append(f"rng/rank{dist.get_rank()}.safetensors")
     for rel in needed:
         verify_file(path, rel, index)
     model_file = path / "model" / f"tp{tp}_pp{pp}.safetensors"
@@ -251,30 +259,80 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
     if weights_only:  # a converted checkpoint: fresh optimizer, whose fp32 master must see these weights
         optimizer.refresh_fp32_params()
         return meta
-    stem = path / "optim" / f"tp{tp}_pp{pp}_dp{dp}"
-    try:
-        otensors = load_file(str(stem) + ".safetensors")
-        ometa = json.loads(Path(str(stem) + ".json").read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{stem}.*: optimizer partition missing ({exc})") from None
-    load_zero_partition(optimizer, otensors, ometa, str(stem))
-    rng_file = path / "rng" / f"rank{dist.get_rank()}.safetensors"
-    if not rng_file.is_file():
-        raise CheckpointError(f"{rng_file} missing (saved with {meta.get('world_size')} ranks?)")
-    rng = load_file(str(rng_file))
+    ometa = json.loads((path / (stem + ".json")).read_text())
+    if universal:
+        load_universal_partition(optimizer, model, path / (stem + ".safetensors"), ometa)
+    else:
+        load_zero_partition(optimizer, model, load_file(str(path / (stem + ".safetensors"))), ometa, str(path / stem))
+    if not meta.get("rng", True):
+        return meta  # resharded: generator states of the old ranks do not map onto the new ones
+    rng = load_file(str(path / "rng" / f"rank{dist.get_rank()}.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return meta
 
 
-def load_zero_partition(optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str) -> None:
+def load_universal_partition(optimizer, model: torch.nn.Module, path: Path, meta: dict[str, Any]) -> None:
+    """Cut this rank's ZeRO partition out of per-parameter optimizer state (see checkpoint/reshard.py).
+
+    DeepSpeed's flat group i is its parameters in buffer order, concatenated, zero-padded
+    at the end, and split evenly over DP; this rank owns ``[r * P, (r + 1) * P)``. Each
+    parameter overlapping that range contributes one flat read per state.
+    """
+    from megafusion.checkpoint.tensor_file import TensorFile
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    inner = optimizer.optimizer
+    r = ps.get_data_parallel_rank()
+    seen: set[str] = set()
+    with TensorFile(path) as f:
+        for i, master in enumerate(optimizer.single_partition_of_fp32_groups):
+            part = master.numel()
+            lo, hi = r * part, (r + 1) * part
+            bufs = {"master": torch.zeros(part, dtype=torch.float32)}
+            off = 0
+            for p in flat_group_order(optimizer, i):
+                name, n = names[id(p)], p.numel()
+                seen.add(name)
+                keys = {s: f"{name}/{s}" for s in ("master", "exp_avg", "exp_avg_sq")}
+                if keys["master"] not in f:
+                    raise CheckpointError(f"{path}: no optimizer state for parameter {name} (different model?)")
+                if f.numel(keys["master"]) != n:
+                    raise CheckpointError(f"{path}: {name} has {f.numel(keys['master'])} elements of optimizer "
+                                          f"state, the model's shard has {n} (resharded for another layout?)")
+                a, b = max(off, lo), min(off + n, hi)
+                if a < b:
+                    for s, key in keys.items():
+                        if key in f:
+                            buf = bufs.setdefault(s, torch.zeros(part, dtype=torch.float32))
+                            buf[a - lo:b - lo] = f.read_flat(key, a - off, b - off)
+                off += n
+            with torch.no_grad():
+                master.copy_(bufs.pop("master").to(master.device))
+            state: dict[str, Any] = {k: v.to(master.device) for k, v in bufs.items()}
+            if meta.get("step") is not None:
+                state["step"] = torch.tensor(float(meta["step"]), dtype=torch.float32, device=master.device)
+            if state:
+                inner.state[master] = state
+        extra = sorted({k.rsplit("/", 1)[0] for k in f.keys()} - seen)
+        if extra:
+            raise CheckpointError(f"{path}: optimizer state for parameters this model does not train, e.g. {extra[:3]}")
+
+
+def load_zero_partition(optimizer, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                        where: str) -> None:
     """Copy a saved ZeRO partition (fp32 master + Adam moments + step) into a live DeepSpeed optimizer."""
     inner = optimizer.optimizer
     groups = optimizer.single_partition_of_fp32_groups
     if len(meta["groups"]) != len(groups):
         raise CheckpointError(f"{where}: {len(meta['groups'])} optimizer groups saved, this run has {len(groups)}")
+    names = {id(p): n for n, p in model.named_parameters()}
     for i, master in enumerate(groups):
+        order = [[names.get(id(p), "?"), p.numel()] for p in flat_group_order(optimizer, i)]
+        if "params" in meta["groups"][i] and meta["groups"][i]["params"] != order:
+            raise CheckpointError(f"{where}: group {i} holds other parameters (or another order) than this run's "
+                                  "optimizer; reshard the checkpoint for this layout")
         if f"group{i}.master" not in tensors:
             raise CheckpointError(f"{where}: group {i} has no saved fp32 partition")
         saved = tensors[f"group{i}.master"]

@@ -65,7 +65,7 @@ class Trainer:
         if cfg.data.path:
             self.stream = LoaderStream(cfg, self.dp_rank, self.dp_size, device, self.num_micro)
         else:  # no data configured: synthetic packed batches of the same form
-            self.stream = SyntheticStream(cfg, self.dp_rank, device)
+            self.stream = SyntheticStream(cfg, self.dp_rank, device, self.num_micro)
         self.step = 0
         self.skipped = 0
         self.nonfinite_run = 0
@@ -114,7 +114,7 @@ class Trainer:
     def save(self) -> Path:
         path = save_checkpoint(
             self.save_dir, self.step, self.engine.module, self.optimizer, self.cfg,
-            {"data_position": {"step": self.step, "micro_batches_per_step": self.num_micro,
+            {"data_position": {"step": self.step, "micro_batches_per_step": self.num_micro, "dp": self.dp_size,
                                "consumed_micro_batches_per_dp_rank": self.step * self.num_micro,
                                "path": self.cfg.data.path, "num_workers": self.cfg.data.num_workers},
              "skipped_steps": self.skipped, "frozen_source": frozen_source_fingerprint(self.hf_dir)},
@@ -142,11 +142,17 @@ class Trainer:
                 f"{path}: saved with data.num_workers={pos['num_workers']}, this run has "
                 f"data.num_workers={self.cfg.data.num_workers}; the batch order depends on it, keep it equal"
             )
-        if pos.get("micro_batches_per_step", self.num_micro) != self.num_micro:
+        saved_dp = int(pos.get("dp", meta.get("resharded_from", meta["layout"]).get("dp", self.dp_size)))
+        saved_micro = pos.get("micro_batches_per_step", self.num_micro) * saved_dp
+        if saved_micro != self.num_micro * self.dp_size:
             raise ValueError(
-                f"{path}: saved with {pos['micro_batches_per_step']} micro-batches per step and DP rank, this run "
-                f"has {self.num_micro} (data.global_batch_size / data.micro_batch_size / DP must stay equal)"
+                f"{path}: saved with {saved_micro} micro-batches per step (DP={saved_dp}), this run has "
+                f"{self.num_micro * self.dp_size} (DP={self.dp_size}); data.global_batch_size and "
+                "data.micro_batch_size must stay equal"
             )
+        if saved_dp != self.dp_size and self.cfg.data.path:
+            self.log(f"[train] warning: DP changed {saved_dp} -> {self.dp_size}; the latent shards are dealt to DP "
+                     "ranks anew, so from here the sample order differs from an unresharded run (counts are kept)")
         self.step = int(meta["step"])
         self.skipped = int(meta.get("skipped_steps", 0))
         self.log(f"[train] resumed from {path} at step {self.step}")

@@ -118,8 +118,8 @@ def _reference_adamw(hf_dir, overrides, dp, steps):
     stage = build_stage_models(cfg, hf_dir, ParallelContext.current())[0]
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(stage, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    streams = [SyntheticStream(cfg, r, torch.device("cpu")) for r in range(dp)]
     n_micro = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
+    streams = [SyntheticStream(cfg, r, torch.device("cpu"), n_micro) for r in range(dp)]
     losses = []
     for step in range(steps):
         for g in opt.param_groups:

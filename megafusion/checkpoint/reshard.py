@@ -1,0 +1,323 @@
+"""Re-cut a megafusion checkpoint for another TP x PP (x VPP) layout, optimizer state included.
+
+Input: any checkpoint ``save_checkpoint`` or ``convert_hf_llama`` wrote (or an
+earlier reshard). Output, for every new (tp, pp) shard:
+
+    model/tp{t}_pp{p}.safetensors   the trainable weights, cut for the new layout
+    optim/tp{t}_pp{p}.safetensors   per-parameter fp32 master + Adam moments, flattened
+    optim/tp{t}_pp{p}.json          {"format": "universal", "step": ...}
+
+The optimizer state is written *per parameter* ("universal", as DeepSpeed's
+universal checkpoints do), not per ZeRO partition: a ZeRO partition is a range
+of a flat buffer whose order and padding belong to the live DeepSpeed optimizer.
+``load_checkpoint`` cuts each rank's range out of these files for whatever DP
+size the resumed run has, from the live optimizer's own parameter order, so the
+DP size is not fixed here (``dp`` only validates the batch arithmetic).
+
+Input ZeRO partitions are read as flat ranges (``optim/tp{t}_pp{p}_dp{d}``; the
+JSON beside each lists its parameters in flat order), so a parameter costs one
+read per partition it overlaps. Nothing is memory-mapped or unpickled: each
+tensor is read into a buffer, unsharded, re-cut and written, one at a time, so
+peak memory is a few times the largest tensor, not a shard. Every input file is checked against the input ``index.json``
+before it is read; the output gets its own index and is published by a rename.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import yaml
+
+from megafusion.checkpoint.gather import canonical_name, shard, unshard
+from megafusion.checkpoint.tensor_file import DTYPES, TensorFile, write_tensor_file
+from megafusion.config.loader import config_from_dict, dump_config
+from megafusion.config.schema import Config
+from megafusion.durable import fsync_path
+from megafusion.parallel.stages import REPLICA
+from megafusion.training.checkpointing import INDEX, CheckpointError, file_digest, verify_file
+
+STATES = ("master", "exp_avg", "exp_avg_sq")
+UNIVERSAL = "universal"
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    vpp: int = 1
+
+    def __str__(self) -> str:
+        return f"TP={self.tp} PP={self.pp}" + (f" VPP={self.vpp}" if self.vpp > 1 else "")
+
+
+def _placement(canon: str, m, layout: Layout) -> list[tuple[int, int]]:
+    """(pp_rank, chunk) pairs that hold canonical parameter ``canon`` in ``layout``.
+
+    Canonical names are the single-stage model's (``layers.7.qkv.image.weight``); in a
+    checkpoint the key is ``f"{chunk}.core.{canonical}"``. Layers follow megatron-core's
+    interleaved order (``stages.layer_ids_for_chunk``).
+    """
+    head = canon.split(".")[0]
+    if head == "layers":
+        i = int(canon.split(".")[1])
+        per = m.num_layers // (layout.pp * layout.vpp)
+        chunk, rest = divmod(i, m.num_layers // layout.vpp)
+        return [(rest // per, chunk)]
+    if head in ("special_embedding", "image_in"):
+        return [(0, 0)]
+    if head == "image_out":
+        return [(layout.pp - 1, layout.vpp - 1)]
+    raise CheckpointError(f"parameter {canon!r}: unknown where it lives in a pipeline (not a layer, U-Net or <BOI>)")
+
+
+class _Source:
+    """The input checkpoint: where each canonical tensor's TP shards and optimizer ranges live."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        meta_path = root / "meta.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"{root} is not a complete megafusion checkpoint (no meta.json)")
+        if not (root / INDEX).is_file():
+            raise CheckpointError(f"{root}: no {INDEX}; cannot verify its shards")
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.index: dict[str, Any] = json.loads((root / INDEX).read_text())
+        self.cfg = config_from_dict(yaml.safe_load((root / "config.yaml").read_text()))
+        lay = self.meta["layout"]
+        self.layout = Layout(lay["tp"], lay["pp"], lay.get("vpp", 1))
+        self.weights_only = bool(self.meta.get("weights_only", False))
+        self.universal = self.meta.get("optimizer_format") == UNIVERSAL
+        # verify every file we will read before reading any (a bad shard fails before any output exists)
+        wanted = [rel for rel in sorted(self.index)
+                  if rel.startswith("model/") or (rel.startswith("optim/") and not self.weights_only)]
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
+            list(pool.map(lambda rel: verify_file(root, rel, self.index), wanted))
+        # canonical name -> {tp_rank: (file, key)}; shapes come from the index
+        self.model: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
+        self.shapes: dict[tuple[str, int], tuple[int, ...]] = {}
+        for t in range(self.layout.tp):
+            for p in range(self.layout.pp):
+                rel = f"model/tp{t}_pp{p}.safetensors"
+                if rel not in self.index:
+                    raise CheckpointError(f"{root / rel}: missing for layout {self.layout} (not in {INDEX})")
+                for key, info in self.index[rel]["tensors"].items():
+                    canon = canonical_name(key)
+                    if canon is None:
+                        continue  # tied replica of image_in: rebuilt from image_in
+                    self.model[canon][t] = (rel, key)
+                    self.shapes[(canon, t)] = tuple(info["shape"])
+        self.step: Optional[float] = None
+        # canonical name -> {tp_rank: [(file, tensor key, start, stop)]} per state, for flat ZeRO partitions
+        self.optim: dict[str, dict[int, dict[str, list[tuple[str, str, int, int]]]]] = defaultdict(dict)
+        if not self.weights_only:
+            self._index_optimizer()
+        self._files: dict[str, TensorFile] = {}
+
+    def _index_optimizer(self) -> None:
+        steps = set()
+        for t in range(self.layout.tp):
+            for p in range(self.layout.pp):
+                if self.universal:
+                    rel = f"optim/tp{t}_pp{p}.safetensors"
+                    ometa = json.loads((self.root / f"optim/tp{t}_pp{p}.json").read_text())
+                    steps.add(float(ometa["step"]))
+                    for key, info in self.index[rel]["tensors"].items():
+                        pname, state = key.rsplit("/", 1)
+                        numel = int(torch.Size(info["shape"]).numel())
+                        canon = canonical_name(pname)
+                        self.optim[canon].setdefault(t, {})[state] = [(rel, key, 0, numel)]
+                    continue
+                j0 = self.root / f"optim/tp{t}_pp{p}_dp0.json"
+                if not j0.is_file():
+                    raise CheckpointError(f"{j0}: missing; cannot read the optimizer state of TP={t} PP={p}")
+                ometa = json.loads(j0.read_text())
+                dp = int(ometa["dp"])
+                for g, group in enumerate(ometa["groups"]):
+                    part = int(group["numel"])
+                    if "step" in group:
+                        steps.add(float(group["step"]))
+                    states = [s for s in STATES if s == "master" or
+                              f"group{g}.{s}" in self.index[f"optim/tp{t}_pp{p}_dp0.safetensors"]["tensors"]]
+                    off = 0
+                    for pname, numel in group["params"]:
+                        canon = canonical_name(pname)
+                        if canon is None:
+                            raise CheckpointError(f"{j0}: optimizer parameter {pname!r} is not a model parameter")
+                        per_state: dict[str, list[tuple[str, str, int, int]]] = {s: [] for s in states}
+                        for d in range(off // part, min(dp, (off + numel + part - 1) // part)):
+                            a, b = max(off, d * part), min(off + numel, (d + 1) * part)
+                            if a < b:
+                                for s in states:
+                                    per_state[s].append((f"optim/tp{t}_pp{p}_dp{d}.safetensors", f"group{g}.{s}",
+                                                         a - d * part, b - d * part))
+                        self.optim[canon][t] = per_state
+                        off += numel
+                    if off > part * dp:
+                        raise CheckpointError(f"{j0}: group {g} lists {off} elements, its {dp} partitions hold "
+                                              f"{part * dp}")
+        if len(steps) > 1:
+            raise CheckpointError(f"{self.root}: optimizer groups disagree on the step count: {sorted(steps)}")
+        self.step = steps.pop() if steps else None
+
+    def _file(self, rel: str) -> TensorFile:
+        if rel not in self._files:
+            self._files[rel] = TensorFile(self.root / rel)
+        return self._files[rel]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def dtype(self, canon: str) -> torch.dtype:
+        rel, key = self.model[canon][0]
+        return DTYPES[self.index[rel]["tensors"][key]["dtype"]]
+
+    def local_shape(self, canon: str, tp: int, rank: int) -> tuple[int, ...]:
+        """Shape of ``canon``'s shard at TP size ``tp`` (computed on meta tensors, nothing read)."""
+        by_rank = self.model[canon]
+        metas = [torch.empty(self.shapes[(canon, r)], device="meta") for r in sorted(by_rank)]
+        return tuple(shard(canon, unshard(canon, metas, self.cfg.model), self.cfg.model, tp, rank).shape)
+
+    def has_state(self, canon: str, state: str) -> bool:
+        return state in self.optim.get(canon, {}).get(0, {})
+
+    def weight(self, canon: str) -> torch.Tensor:
+        """The full (unsharded) tensor of a canonical trainable parameter."""
+        by_rank = self.model[canon]
+        shards = [self._file(rel).read(key) for rel, key in (by_rank[t] for t in sorted(by_rank))]
+        return unshard(canon, shards, self.cfg.model)
+
+    def state(self, canon: str, state: str) -> Optional[torch.Tensor]:
+        """The full tensor of one optimizer state of ``canon``, or None if it has none."""
+        if not self.has_state(canon, state):
+            return None
+        by_rank = self.optim[canon]
+        shards = []
+        for t in sorted(by_rank):
+            flat = torch.empty(math.prod(self.shapes[(canon, t)]), dtype=torch.float32)
+            at = 0
+            for rel, key, a, b in by_rank[t][state]:  # the ranges of the ZeRO partitions it spans
+                self._file(rel).read_flat(key, a, b, out=flat[at:at + b - a])
+                at += b - a
+            shards.append(flat.view(self.shapes[(canon, t)]))
+        return unshard(canon, shards, self.cfg.model)
+
+
+def _check_layout(cfg: Config, new: Layout, dp: Optional[int], where: Path) -> None:
+    m = cfg.model
+    problems = []
+    for what, n, div in (("layers", m.num_layers, new.pp * new.vpp), ("attention heads", m.num_attention_heads, new.tp),
+                         ("kv heads", m.num_kv_heads, new.tp), ("ffn size", m.ffn_hidden_size, new.tp)):
+        if n % div:
+            problems.append(f"{what} {n} not divisible by {div}")
+    if dp is not None:
+        d = cfg.data
+        if dp < 1 or d.global_batch_size % (d.micro_batch_size * dp):
+            problems.append(f"data.global_batch_size {d.global_batch_size} not divisible by "
+                            f"data.micro_batch_size {d.micro_batch_size} x DP {dp}")
+    if problems:
+        raise CheckpointError(f"{where}: cannot reshard to {new}" + (f" DP={dp}" if dp else "") + ": "
+                              + "; ".join(problems))
+
+
+def reshard_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int, pp: int, vpp: Optional[int] = None,
+                       dp: Optional[int] = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """Write ``out_dir`` (atomically) holding ``in_dir`` at the new layout; returns it."""
+    from tqdm import tqdm
+
+    src_dir, out = Path(in_dir), Path(out_dir)
+    if src_dir.resolve() == out.resolve():
+        raise CheckpointError(f"--out {out} is the input checkpoint; write to a new directory")
+    new = Layout(tp, pp, vpp or 1)
+    t0 = time.time()
+    src = _Source(src_dir)
+    cfg, m = src.cfg, src.cfg.model
+    _check_layout(cfg, new, dp, src_dir)
+    unknown = [c for c in src.model if c not in src.optim] if not src.weights_only else []
+    if unknown and src.step is not None:
+        raise CheckpointError(f"{src_dir}: trainable parameters without optimizer state, e.g. {unknown[:3]}")
+
+    # which canonical names each new (pp, chunk) holds, in a stable order
+    where: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for canon in sorted(src.model):
+        for spot in _placement(canon, m, new):
+            where[spot].append(canon)
+    unet_in = [c for c in sorted(src.model) if c.startswith("image_in.")]
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "model").mkdir(parents=True)
+    if not src.weights_only:
+        (tmp / "optim").mkdir()
+    index: dict[str, Any] = {}
+    bar = tqdm(total=new.tp * new.pp, desc="resharding", unit="shard", disable=not progress)
+    moved = 0
+    try:
+        for p in range(new.pp):
+            for t in range(new.tp):
+                stem = f"tp{t}_pp{p}"
+                weights, states = [], []  # (key, dtype, shape, produce): written one tensor at a time
+                for chunk in range(new.vpp):
+                    for canon in where[(p, chunk)]:
+                        dtype, shape = src.dtype(canon), src.local_shape(canon, new.tp, t)
+                        weights.append((f"{chunk}.core.{canon}", dtype, shape,
+                                        lambda c=canon, t=t: shard(c, src.weight(c), m, new.tp, t).contiguous()))
+                        for s in STATES if not src.weights_only else ():
+                            if src.has_state(canon, s):
+                                states.append((f"{chunk}.core.{canon}/{s}", torch.float32, (math.prod(shape),),
+                                               lambda c=canon, s=s, t=t: shard(c, src.state(c, s), m, new.tp, t).reshape(-1)))
+                    last_not_first = (p, chunk) == (new.pp - 1, new.vpp - 1) and (p, chunk) != (0, 0)
+                    if last_not_first and unet_in and cfg.model.image.io == "unet":
+                        for canon in unet_in:  # the last stage's tied down-sampler replica
+                            weights.append((f"{chunk}.{REPLICA}.{canon[len('image_in.'):]}", src.dtype(canon),
+                                            src.local_shape(canon, 1, 0), lambda c=canon: src.weight(c)))
+                rel = f"model/{stem}.safetensors"
+                index[rel] = write_tensor_file(tmp / rel, weights)
+                moved += index[rel]["bytes"]
+                if not src.weights_only:
+                    rel = f"optim/{stem}.safetensors"
+                    index[rel] = write_tensor_file(tmp / rel, states)
+                    moved += index[rel]["bytes"]
+                    (tmp / f"optim/{stem}.json").write_text(json.dumps({"format": UNIVERSAL, "step": src.step}))
+                    index[f"optim/{stem}.json"] = file_digest(tmp / f"optim/{stem}.json")
+                src.close()  # release file handles between output shards
+                bar.update(1)
+    finally:
+        src.close()
+        bar.close()
+
+    layout: dict[str, int] = {"tp": new.tp, "pp": new.pp, "vpp": new.vpp}
+    if dp is not None:
+        layout["dp"] = dp
+    meta = {k: v for k, v in src.meta.items() if k not in ("layout", "world_size")}
+    meta.update({"layout": layout, "resharded_from": src.meta["layout"], "rng": False,
+                 "seconds": round(time.time() - t0, 2)})
+    if not src.weights_only:
+        meta["optimizer_format"] = UNIVERSAL
+    par = replace(cfg.parallel, tensor_parallel=new.tp, pipeline_parallel=new.pp,
+                  virtual_pipeline_stages=vpp if new.vpp > 1 else None, data_parallel=dp if dp else -1)
+    dump_config(replace(cfg, parallel=par), tmp / "config.yaml")
+    (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            fsync_path(f)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    fsync_path(out.parent)
+    log(f"[reshard] {src_dir} ({src.layout}) -> {out} ({new}): {moved / 2**20:.1f} MiB in "
+        f"{time.time() - t0:.1f} s")
+    return out
