@@ -11,6 +11,7 @@ Per-rank fused weight layouts (what ``checkpoint.tp_layout`` slices HF weights i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
@@ -24,6 +25,9 @@ from megafusion.model.routing import Routes
 from megafusion.parallel.process_groups import ParallelContext
 from megafusion.parallel.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear
 
+if TYPE_CHECKING:  # no import at run time
+    from megafusion.inference.kv_cache import KVCache
+
 
 @dataclass
 class LayerInputs:
@@ -35,11 +39,13 @@ class LayerInputs:
     sin: torch.Tensor
     seq_len: int
     batch_size: int
+    kv_cache: Optional["KVCache"] = None  # inference: keys/values of earlier tokens (megafusion.inference)
 
 
 class FusionLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, config: ModelParallelConfig, pctx: ParallelContext):
+    def __init__(self, cfg: ModelConfig, config: ModelParallelConfig, pctx: ParallelContext, layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id  # global index: the key of this layer's entry in an inference KV cache
         d = cfg.head_dim
         self.head_dim = d
         self.heads = cfg.num_attention_heads // pctx.tp_size  # local query heads
@@ -71,6 +77,8 @@ class FusionLayer(nn.Module):
         q = apply_rope(q.permute(1, 2, 0, 3), inp.cos, inp.sin)  # [b, hq, s, d]
         k = apply_rope(k.permute(1, 2, 0, 3), inp.cos, inp.sin)  # [b, hkv, s, d]
         v = v.permute(1, 2, 0, 3)
+        if inp.kv_cache is not None:  # keys/values of the cached prefix first: [b, hkv, s_past + s, d]
+            k, v = inp.kv_cache.extend(self.layer_id, k, v)
         out = shared_attention(q, k, v, inp.mask)  # [b, hq, s, d]
         out = out.permute(2, 0, 1, 3).reshape(s * b, self.heads * d)  # [s*b, hq d]
         return self.o(out, inp.routes)

@@ -16,7 +16,7 @@ frozen (no loss is taken on <BOI>).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,7 @@ from megafusion.model.attention_core import AttentionMask
 from megafusion.model.batch import FusionBatch
 from megafusion.model.image_io import build_image_in, build_image_out
 from megafusion.model.layer import FusionLayer, LayerInputs
+from megafusion.model.mask import hybrid_attention_mask
 from megafusion.model.norm import RMSNorm
 from megafusion.model.rope import rope_cos_sin, rope_inv_freq
 from megafusion.model.routing import Route, Routes
@@ -47,6 +48,9 @@ from megafusion.parallel.megatron_config import (
 )
 from megafusion.parallel.process_groups import ParallelContext, init_model_parallel
 from megafusion.parallel.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear, no_init
+
+if TYPE_CHECKING:
+    from megafusion.inference.kv_cache import KVCache
 
 
 @dataclass
@@ -109,7 +113,7 @@ class LlamaFusion(nn.Module):
             self.special_embedding = nn.Parameter(torch.zeros(2, h, dtype=dtype, device=device))
             self.image_in = image_in.to(device=device, dtype=dtype)
         ids = range(cfg.num_layers) if layer_ids is None else layer_ids
-        self.layers = nn.ModuleDict({str(i): FusionLayer(cfg, self.config, pctx) for i in ids})
+        self.layers = nn.ModuleDict({str(i): FusionLayer(cfg, self.config, pctx, layer_id=i) for i in ids})
         if post_process:
             self.final_norm = RMSNorm(h, cfg.rms_norm_eps, dtype).to(device)
             self.lm_head = ColumnParallelLinear(
@@ -214,8 +218,12 @@ class LlamaFusion(nn.Module):
             tensor = tensor[0]
         self.input_tensor = tensor
 
-    def prepare(self, batch: FusionBatch) -> ForwardState:
-        """Routes, mask and RoPE tables for one micro-batch (every stage computes them)."""
+    def prepare(self, batch: FusionBatch, kv_cache: Optional["KVCache"] = None) -> ForwardState:
+        """Routes, mask and RoPE tables for one micro-batch (every stage computes them).
+
+        With ``kv_cache`` (inference) the batch holds only the new tokens: the mask is
+        their rows against the cached keys then themselves (the same hybrid rule).
+        """
         batch = batch.with_defaults()
         b, s = batch.input_ids.shape
         is_image_bs = batch.image_ids >= 0  # [b, s]
@@ -228,9 +236,13 @@ class LlamaFusion(nn.Module):
             local = full.narrow(self.pctx.tp_rank * n_local, n_local, is_image)
         else:
             local = full
-        mask = AttentionMask.build(batch.document_ids, batch.image_ids, self.cfg.attention_backend)
+        if kv_cache is None:
+            mask = AttentionMask.build(batch.document_ids, batch.image_ids, self.cfg.attention_backend)
+        else:
+            doc, img = kv_cache.key_ids(batch.document_ids, batch.image_ids)  # [b, s_past + s]
+            mask = AttentionMask("sdpa", dense=hybrid_attention_mask(doc, img, query_offset=kv_cache.length))
         cos, sin = rope_cos_sin(batch.position_ids, self.inv_freq, self.params_dtype)
-        return ForwardState(LayerInputs(Routes(full, local), mask, cos, sin, s, b), is_image)
+        return ForwardState(LayerInputs(Routes(full, local), mask, cos, sin, s, b, kv_cache), is_image)
 
     def embed(self, batch: FusionBatch, state: ForwardState) -> tuple[torch.Tensor, Optional[list]]:
         """Text embeddings + image tokens -> residual stream [s_local, b, h] and U-Net skips."""
@@ -347,6 +359,62 @@ class LlamaFusion(nn.Module):
         logits = gather_from_tensor_model_parallel_region(self._vocab_logits(text), group=self.pctx.tp_group)
         logits = logits[:, : self.cfg.vocab_size]  # [s*b, V]
         return logits.view(s, b, -1).transpose(0, 1)  # [b, s, V]
+
+    @torch.no_grad()
+    def forward_cached(
+        self, batch: FusionBatch, kv_cache: "KVCache", logits: bool = True
+    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """New tokens against a KV cache -> (logits of each row's last token [b, vocab], predicted noise).
+
+        ``batch`` holds only the new tokens, with explicit ``position_ids`` and
+        ``document_ids`` continuing the cached ones; its images (latents + timesteps)
+        go through the U-Nets as in training. The cache is extended unless it is
+        ``frozen``. Logits are gathered over TP, so every rank samples the same token.
+        """
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("cached inference needs the whole model on one pipeline stage (PP=1)")
+        if self.pctx.sequence_parallel:
+            raise ValueError("cached inference runs without sequence parallelism; build the model with it off")
+        batch = batch.with_defaults()
+        state = self.prepare(batch, kv_cache)
+        x, skips = self.embed(batch, state)
+        x = self.run_layers(x, state)  # [s, b, h]
+        kv_cache.commit(batch.document_ids, batch.image_ids)
+        out_logits = None
+        if logits:
+            last = self._vocab_logits(x[-1])  # [b, V_pad / tp]
+            out_logits = gather_from_tensor_model_parallel_region(last, group=self.pctx.tp_group)[:, : self.cfg.vocab_size]
+        pred = None
+        routes = state.inputs.routes
+        if routes.full.num_image:
+            _, image = routes.full.split(x.reshape(-1, x.shape[-1]))
+            pred = self.image_out(image.reshape(batch.num_images, -1, image.shape[-1]), batch.timesteps, skips)
+        return out_logits, pred
+
+    # ------------------------------------------------------------------ generation (megafusion.inference)
+    def generate_text(self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False, **kw):
+        """[b, s] prompt -> [b, s + n] prompt and new ids (KV cache; greedy, or temperature / top-p sampling)."""
+        from megafusion.inference.generate import generate_text
+
+        return generate_text(self, input_ids, max_new_tokens, do_sample, **kw)
+
+    def generate_images(self, prompt_ids, **kw) -> torch.Tensor:
+        """Caption ids -> sampled latents [n, C, H, W] (prefix cached across steps; DDIM/DDPM; optional CFG)."""
+        from megafusion.inference.generate import generate_images
+
+        return generate_images(self, prompt_ids, **kw)
+
+    def caption(self, latents: torch.Tensor, bos_token_id: int, **kw) -> list[list[int]]:
+        """Clean latents [n, C, H, W] -> caption ids per image."""
+        from megafusion.inference.generate import caption
+
+        return caption(self, latents, bos_token_id, **kw)
+
+    def generate_interleaved(self, input_ids, **kw):
+        """One prompt -> (ids with <BOI>/<EOI> where images were made, their latents)."""
+        from megafusion.inference.generate import generate_interleaved
+
+        return generate_interleaved(self, input_ids, **kw)
 
     def forward_embeddings(
         self,

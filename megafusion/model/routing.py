@@ -53,8 +53,10 @@ class Route:
         n_text, n_image = text_rows.numel(), image_rows.numel()
         if n_text + n_image != n:
             raise ValueError(f"image_rows has {n_image} rows but is_image marks {n - n_text}")
-        if n_text == 0 or n_image == 0:
+        if n_image == 0:
             return Route(n, n_text, n_image, None, None)
+        if n_text == 0 and torch.equal(image_rows, torch.arange(n, device=image_rows.device)):
+            return Route(n, n_text, n_image, None, None)  # all image tokens, already in image order
         perm = torch.cat([text_rows, image_rows])
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(n, device=perm.device)
