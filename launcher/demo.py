@@ -6,6 +6,7 @@
 2. a small AutoencoderKL and word-level tokenizer (random VAE weights for now)
 3. VAE latents on a local Ray                     (tools/precompute_latents.py)
 4. LlamaFusion training, TP=2 on 2 gloo processes (torchrun -m launcher.train)
+5. samples: images from held-out captions, captions of held-out images, text (tools/sample.py, TP=2)
 Each stage is skipped when its output exists; the time of each is printed.
 """
 
@@ -29,12 +30,37 @@ def _stage(name: str, cmd: list[str]) -> float:
     return time.time() - t0
 
 
+HELD_OUT = [("red", "circle", "top left"), ("blue", "square", "center"), ("green", "triangle", "bottom right"),
+            ("yellow", "circle", "top right")]
+
+
+def _sample_cmd(run: Path, vae: Path, tok: Path, args) -> list[str]:
+    """tools/sample.py on the last checkpoint: captions and images drawn fresh (seeds the dataset does not use)."""
+    from megafusion.data.shapes import caption_for, draw_shape
+
+    held = run / "held_out"
+    held.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i, (c, s, p) in enumerate(HELD_OUT):
+        path = held / f"{i}_{c}_{s}_{p.replace(' ', '_')}.png"
+        draw_shape(c, s, p, size=64).save(path)
+        images.append(str(path))
+    prompts = [caption_for(c, s, p) for c, s, p in reversed(HELD_OUT)]
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+              if args.nproc > 1 else [sys.executable])
+    return [*launch, "tools/sample.py", "--tp", str(args.nproc), "--checkpoint", str(run / "train" / "checkpoints"),
+            "--vae", str(vae), "--tokenizer", str(tok), "--out", str(run / "samples"), "--steps",
+            str(args.sample_steps), "--prompts", *prompts, "--images", *images, "--text", "a red",
+            "--max-new-tokens", "8"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/demo")
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--nproc", type=int, default=2, help="training processes (TP size)")
+    ap.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the samples")
     args = ap.parse_args(argv)
 
     from megafusion.checkpoint.tiny_vae import write_random_vae
@@ -65,8 +91,10 @@ def main(argv=None) -> int:
     else:
         cmd = [sys.executable, "-m", "launcher.train", "--config", "tiny", *train]
     times["train"] = _stage("train", cmd)
+    times["sample"] = _stage("sample", _sample_cmd(run, vae, tok, args))
     print("[demo] stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    print(f"[demo] outputs in {run}: metrics {run}/train/metrics.jsonl, checkpoints {run}/train/checkpoints")
+    print(f"[demo] outputs in {run}: metrics {run}/train/metrics.jsonl, checkpoints {run}/train/checkpoints, "
+          f"samples {run}/samples")
     return 0
 
 

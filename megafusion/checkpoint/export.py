@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from megafusion.checkpoint.gather import canonical_name, shard, unshard
 from megafusion.config.loader import config_from_dict
+from megafusion.config.schema import Config
 from megafusion.training.checkpointing import INDEX, CheckpointError, frozen_source_fingerprint, verify_file
 
 IMAGE_FILE = "megafusion_image.safetensors"
@@ -29,8 +30,12 @@ CONFIG_FILE = "megafusion_config.json"
 _HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> Path:
-    ckpt, out = Path(ckpt_dir), Path(out_dir)
+def read_checkpoint_image_side(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict, Path]:
+    """A training checkpoint's image side as full tensors, with its config, meta.json and base Llama dir.
+
+    Every model shard is verified against index.json; the base Llama must be the one recorded.
+    """
+    ckpt = Path(ckpt_dir)
     meta_path = ckpt / "meta.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{ckpt} is not a complete megafusion checkpoint (no meta.json)")
@@ -39,7 +44,6 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
         raise CheckpointError(f"{ckpt}: no {INDEX} (written by an older megafusion); cannot verify its shards")
     index = json.loads((ckpt / INDEX).read_text())
     cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    m = cfg.model
     src = meta.get("frozen_source", {})
     hf_dir = Path(src.get("path", ""))
     if not (hf_dir / "config.json").is_file():
@@ -55,7 +59,13 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
             canon = canonical_name(name)
             if canon is not None:
                 shards[canon][tp_rank] = t
-    full = {name: unshard(name, [by_rank[r] for r in sorted(by_rank)], m) for name, by_rank in shards.items()}
+    full = {name: unshard(name, [by_rank[r] for r in sorted(by_rank)], cfg.model) for name, by_rank in shards.items()}
+    return full, cfg, meta, hf_dir
+
+
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> Path:
+    ckpt, out = Path(ckpt_dir), Path(out_dir)
+    full, cfg, meta, hf_dir = read_checkpoint_image_side(ckpt)
 
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -66,7 +76,8 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
             shutil.copy2(f, tmp / f.name)
     save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / IMAGE_FILE))
     (tmp / CONFIG_FILE).write_text(json.dumps(
-        {"model": dataclasses.asdict(m), "step": meta["step"], "source_checkpoint": str(ckpt)}, indent=1))
+        {"model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion), "step": meta["step"],
+         "source_checkpoint": str(ckpt)}, indent=1))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -75,11 +86,12 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
 
 
 @torch.no_grad()
-def load_image_side(model, path: str | Path) -> None:
-    """Copy this rank's shards of the exported image-side tensors into ``model`` (any TP size)."""
+def load_image_side(model, source: str | Path | dict[str, torch.Tensor]) -> None:
+    """Copy this rank's shards of the full image-side tensors (a file or a dict) into ``model`` (any TP size)."""
     from megafusion.model.llamafusion import is_text_tower_param
 
-    tensors = load_file(str(path))
+    path = source if not isinstance(source, dict) else "image side"
+    tensors = load_file(str(source)) if not isinstance(source, dict) else source
     cfg, tp, rank = model.cfg, model.pctx.tp_size, model.pctx.tp_rank
     for name, p in model.named_parameters():
         if is_text_tower_param(name):

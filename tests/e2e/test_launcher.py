@@ -1,13 +1,17 @@
 """The real entry point, as a user types it: python -m launcher.train and torchrun."""
 
+import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
@@ -73,3 +77,35 @@ def test_demo_runs_every_stage(tmp_path):
     summary = yaml.safe_load((tmp_path / "demo" / "data" / "latents" / "summary.json").read_text())
     assert summary["out"] == 200
     assert (tmp_path / "demo" / "train" / "checkpoints" / "latest").is_file()
+    # stage 5: tools/sample.py at TP=2 wrote grids and a record; at TP=1 it gives the same samples
+    run = tmp_path / "demo"
+    rec2 = json.loads((run / "samples" / "samples.json").read_text())
+    assert len(rec2["images"]) == 4 and len(rec2["captions"]) == 4 and len(rec2["text"]) == 1
+    assert (run / "samples" / "images.png").is_file() and (run / "samples" / "captions.png").is_file()
+    from launcher.demo import _sample_cmd
+
+    args = argparse.Namespace(nproc=1, sample_steps=25)
+    cmd = _sample_cmd(run, run / "vae", run / "tokenizer", args)
+    cmd[cmd.index("--out") + 1] = str(run / "samples_tp1")
+    r = _run(cmd, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec1 = json.loads((run / "samples_tp1" / "samples.json").read_text())
+    assert [c["ids"] for c in rec1["captions"]] == [c["ids"] for c in rec2["captions"]]
+    assert rec1["text"] == rec2["text"]
+    for k in range(4):
+        a = np.asarray(Image.open(run / "samples" / f"image_{k:03d}.png"), dtype=np.int16)
+        b = np.asarray(Image.open(run / "samples_tp1" / f"image_{k:03d}.png"), dtype=np.int16)
+        assert np.abs(a - b).max() <= 2  # float round-off across TP may move a pixel by a level
+
+
+def test_sample_refuses_a_model_without_image_tower(tmp_path):
+    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
+    from megafusion.config import load_config
+
+    hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "hf")
+    r = _run([sys.executable, "tools/sample.py", "--checkpoint", str(hf), "--out", str(tmp_path / "o"),
+              "--text", "hello"])
+    assert r.returncode == 1 and "without an image tower" in r.stderr
+    r = _run([sys.executable, "tools/sample.py", "--checkpoint", str(hf), "--out", str(tmp_path / "o"),
+              "--prompts", "a red circle"])
+    assert r.returncode == 2 and "--vae is needed" in r.stderr

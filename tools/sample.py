@@ -1,0 +1,201 @@
+#!/usr/bin/env python
+"""Sample from a trained LlamaFusion: text -> image, image -> caption, text -> text.
+
+    python tools/sample.py --checkpoint runs/demo/train/checkpoints --vae runs/demo/vae \\
+        --prompts "a red circle at the top left" "a blue square at the center" --out samples/
+    python tools/sample.py --checkpoint exported/ --vae vae/ --images a.png b.png --out samples/
+    python tools/sample.py --checkpoint exported/ --text "The capital of France is" --out samples/
+    torchrun --nproc_per_node 2 tools/sample.py --tp 2 ...        # tensor parallel (NCCL on GPUs, gloo on CPU)
+
+--checkpoint is a tools/export_hf.py directory, a checkpoint folder, or a save directory with a
+`latest` pointer. Writes into --out: images.png (the samples, each prompt under its image),
+captions.png (input images with their captions), and samples.json (prompts, seeds, settings,
+token ids and texts). Prompts are tokenized as in training: <s> caption, then <BOI>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="exported dir, checkpoint folder, or save dir with `latest`")
+    ap.add_argument("--vae", help="diffusers AutoencoderKL directory (needed for --prompts and --images)")
+    ap.add_argument("--tokenizer", help="HF tokenizer directory (default: the checkpoint's, then the base Llama's)")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--prompts", nargs="*", default=[], help="captions to draw")
+    ap.add_argument("--prompts-file", help="a text file, one caption per line")
+    ap.add_argument("--images", nargs="*", default=[], help="image files to caption")
+    ap.add_argument("--text", nargs="*", default=[], help="text prompts to continue")
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps")
+    ap.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (0 = unguided)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--do-sample", action="store_true", help="sample text (default greedy)")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts/images per forward batch")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= the number of processes)")
+    return ap.parse_args(argv)
+
+
+def _tokenizer(args, loaded):
+    from transformers import AutoTokenizer
+
+    dirs = [args.tokenizer] if args.tokenizer else loaded.tokenizer_dirs
+    for d in dirs:
+        if d and any(Path(d).glob("tokenizer*")):
+            return AutoTokenizer.from_pretrained(d, local_files_only=True)
+    raise FileNotFoundError(f"no tokenizer found in {dirs}; pass --tokenizer DIR")
+
+
+def _grid(images, labels, path: Path) -> None:
+    """PNG grid: each image with its label wrapped underneath."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    side = max(128, max(im.size[0] for im in images))
+    cols = min(4, len(images))
+    rows = (len(images) + cols - 1) // cols
+    text_h = 48
+    sheet = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (im, label) in enumerate(zip(images, labels)):
+        x, y = (i % cols) * side, (i // cols) * (side + text_h)
+        sheet.paste(im.resize((side, side)), (x, y))
+        draw.multiline_text((x + 3, y + side + 2), "\n".join(textwrap.wrap(label, width=side // 6)[:3]), fill="black")
+    sheet.save(path)
+
+
+def _to_pil(x):
+    import numpy as np
+    from PIL import Image
+
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+    if not (prompts or args.images or args.text):
+        print("error: nothing to do: give --prompts/--prompts-file, --images or --text", file=sys.stderr)
+        return 2
+    if (prompts or args.images) and not args.vae:
+        print("error: --vae is needed to decode sampled images and to encode --images", file=sys.stderr)
+        return 2
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        print(f"error: --images: no such file(s): {missing}", file=sys.stderr)
+        return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tp != world:
+        print(f"error: --tp {args.tp} needs exactly {args.tp} processes (torchrun --nproc_per_node {args.tp}); "
+              f"this run has {world}", file=sys.stderr)
+        return 2
+
+    import torch
+    from tqdm import tqdm
+
+    from megafusion.data.latent_cache import CacheOptions, encode_images, load_vae, preprocess
+    from megafusion.inference.generate import caption, generate_images, generate_text
+    from megafusion.inference.load import load_for_inference
+    from megafusion.parallel.process_groups import ParallelContext, init_distributed, init_model_parallel
+
+    init_distributed()
+    init_model_parallel(args.tp, 1)
+    rank0 = torch.distributed.get_rank() == 0
+    try:
+        loaded = load_for_inference(args.checkpoint, ParallelContext.current())
+        tok = _tokenizer(args, loaded)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    model = loaded.model
+    img_cfg = model.cfg.image
+    dev = next(model.parameters()).device
+    vae = load_vae(args.vae, dev) if args.vae else None
+    if vae is not None:
+        f = 2 ** (len(vae.config.block_out_channels) - 1)
+        if vae.config.latent_channels != img_cfg.latent_channels or img_cfg.image_size // f != img_cfg.latent_size:
+            print(f"error: --vae {args.vae}: {vae.config.latent_channels} latent channels, downsampling {f}; the model "
+                  f"expects {img_cfg.latent_channels} channels of {img_cfg.latent_size} px for {img_cfg.image_size} px "
+                  "images", file=sys.stderr)
+            return 1
+    out = Path(args.out)
+    if rank0:
+        out.mkdir(parents=True, exist_ok=True)
+    record = {"checkpoint": loaded.source, "settings": {k: v for k, v in vars(args).items() if k not in (
+        "prompts", "images", "text")}, "images": [], "captions": [], "text": []}
+    t0 = time.time()
+    g = torch.Generator().manual_seed(args.seed)
+
+    if prompts:
+        bos = tok.bos_token_id
+        pils = []
+        for i in range(0, len(prompts), args.batch_size):
+            chunk = prompts[i:i + args.batch_size]
+            ids = [[bos] + tok(p, add_special_tokens=False)["input_ids"] for p in chunk]
+            lat = generate_images(model, ids, num_steps=args.steps, sampler=args.sampler,
+                                  guidance_scale=args.guidance if args.guidance > 0 else None, generator=g,
+                                  num_train_timesteps=loaded.num_train_timesteps, progress=rank0)
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            with torch.no_grad():
+                pix = vae.decode((lat / vae.config.scaling_factor + shift).to(dev, vae.dtype)).sample.float().cpu()
+            for p, ids_p, x in zip(chunk, ids, pix):
+                pils.append(_to_pil(x))
+                record["images"].append({"prompt": p, "prompt_ids": ids_p, "file": "images.png",
+                                         "index": len(pils) - 1})
+        if rank0:
+            _grid(pils, prompts, out / "images.png")
+            for k, im in enumerate(pils):
+                im.save(out / f"image_{k:03d}.png")
+
+    if args.images:
+        from PIL import Image
+
+        opts = CacheOptions(resolution=img_cfg.image_size)
+        pics = [Image.open(p).convert("RGB") for p in args.images]
+        caps_all = []
+        for i in tqdm(range(0, len(pics), args.batch_size), desc="captioning", disable=not rank0):
+            x = torch.stack([preprocess(im, img_cfg.image_size) for im in pics[i:i + args.batch_size]])
+            lat = encode_images(vae, x, opts)
+            caps_all += caption(model, lat, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                temperature=args.temperature, top_p=args.top_p, generator=g)
+        texts = [tok.decode(c, skip_special_tokens=True) for c in caps_all]
+        record["captions"] = [{"image": p, "ids": c, "caption": t} for p, c, t in zip(args.images, caps_all, texts)]
+        if rank0:
+            _grid(pics, texts, out / "captions.png")
+
+    for prompt in args.text:
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        new = generate_text(model, ids, args.max_new_tokens, args.do_sample, temperature=args.temperature,
+                            top_p=args.top_p, eos_token_id=tok.eos_token_id, generator=g)[0, ids.shape[1]:].tolist()
+        record["text"].append({"prompt": prompt, "ids": new, "completion": tok.decode(new, skip_special_tokens=True)})
+
+    record["seconds"] = round(time.time() - t0, 2)
+    if rank0:
+        tmp = out / "samples.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(out / "samples.json")
+        print(f"wrote {out}: {len(record['images'])} images, {len(record['captions'])} captions, "
+              f"{len(record['text'])} texts in {record['seconds']} s")
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
