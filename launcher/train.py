@@ -1,6 +1,7 @@
 """The one training entry point.
 
     python -m launcher.train --config PRESET_OR_YAML [key.sub=value ...]
+    python -m launcher.train --check --config ...          (validate only, e.g. in a batch script before srun)
     torchrun --standalone --nproc-per-node 2 -m launcher.train --config tiny parallel.tensor_parallel=2
     srun python -m launcher.train --config llama3-70b-fusion ...      (RANK/WORLD_SIZE from SLURM_*)
 
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="preset name (tiny, llama3-8b-fusion, ...) or YAML path")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    ap.add_argument("--check", action="store_true",
+                    help="only validate the config for this world size (WORLD_SIZE/SLURM_NTASKS) and exit")
     args = ap.parse_args(argv)
 
     from megafusion.config import ConfigError, dump_config, load_config, validate_config
@@ -48,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        print(f"[launcher] config {cfg.name!r} valid for world size {world}")
+        return 0
 
     run_dir = Path(cfg.logging.run_dir)
     rank = _rank()

@@ -124,6 +124,9 @@ class ParallelConfig:
     """DeepSpeed ZeRO stage over the trainable parameters (1 any layout; 2 only with PP=1)."""
     activation_checkpointing: bool = False
     """Recompute each transformer layer in backward."""
+    zero_bucket_elements: int = 50_000_000
+    """Elements per ZeRO gradient-reduce / parameter-allgather bucket (capped at the trainable count).
+    DeepSpeed's default, 5e8, allocates a 1 GB (bf16) bucket on every GPU whatever the model size."""
 
 
 @dataclass

@@ -70,8 +70,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, bf16: bool, num_trainable: int) -> dict[str, Any]:
     dp = ps.get_data_parallel_world_size()
+    bucket = max(1, min(cfg.parallel.zero_bucket_elements, num_trainable))
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": 1,  # accumulation is megatron-core's schedule's
@@ -82,6 +83,8 @@ def deepspeed_config(cfg: Config, bf16: bool) -> dict[str, Any]:
             "reduce_scatter": True,
             "overlap_comm": False,
             "contiguous_gradients": True,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
         },
         "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
@@ -108,7 +111,8 @@ def build_engine(models, cfg: Config):
         fused=True,  # one kernel per tensor on CUDA and CPU (torch >= 2.4)
     )
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=deepspeed_config(cfg, bf16), mpu=MegatronMpu(),
+        model=model, optimizer=opt, config=deepspeed_config(cfg, bf16, sum(p.numel() for g in opt.param_groups for p in g["params"])),
+        mpu=MegatronMpu(),
         dist_init_required=False,
     )
     return engine, optimizer

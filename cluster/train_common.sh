@@ -1,0 +1,65 @@
+#!/bin/bash
+# Shared body of cluster/train_*.slurm (sourced; not a job script itself).
+#
+# Expects DEFAULT_CONFIG from the caller. Environment overrides (nothing in the job script
+# needs editing to run elsewhere, e.g. on one CPU node for testing):
+#   MEGAFUSION_CONFIG     preset or YAML                   (default: $DEFAULT_CONFIG)
+#   MEGAFUSION_OVERRIDES  extra key=value overrides, space-separated
+#   MEGAFUSION_HF_LLAMA   base Llama directory (checkpoint.hf_llama)
+#   MEGAFUSION_LOAD       converted/resharded checkpoint to start from (checkpoint.load)
+#   RUN_DIR               run folder: metrics, config.yaml, checkpoints/, git revision
+#   MASTER_PORT           rendezvous port (default: derived from the job id)
+# Preemption: SLURM sends USR1 to this shell 120 s before the time limit (--signal=B:USR1@120).
+# The trap forwards it to srun (which forwards it to every rank); the trainer saves a
+# checkpoint and exits 0; then the job requeues itself and the next run resumes from `latest`.
+set -euo pipefail
+
+ROOT="${MEGAFUSION_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"   # sbatch from the repository root
+cd "$ROOT"
+CONFIG="${MEGAFUSION_CONFIG:-$DEFAULT_CONFIG}"
+RUN_DIR="${RUN_DIR:-runs/${CONFIG}}"
+mkdir -p "$RUN_DIR"
+
+# Rendezvous: the first host of the allocation; every srun task maps SLURM_PROCID/NTASKS/LOCALID
+# to RANK/WORLD_SIZE/LOCAL_RANK itself (megafusion.parallel.process_groups.init_distributed).
+MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+export MASTER_ADDR
+export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+
+# What a GPU cluster needs; harmless on CPU nodes (gloo ignores NCCL_*).
+export CUDA_DEVICE_MAX_CONNECTIONS=1           # megatron-core: TP/SP communication ordered with compute
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1       # a hung collective aborts the job instead of blocking forever
+export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
+export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker0}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+export PYTHONUNBUFFERED=1
+
+{
+  echo "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST} ($(date -u +%FT%TZ))"
+  echo "git $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo ' (with uncommitted changes)')"
+} >> "$RUN_DIR/slurm_jobs.log"
+git -C "$ROOT" rev-parse HEAD > "$RUN_DIR/git_revision.txt" 2>/dev/null || echo unknown > "$RUN_DIR/git_revision.txt"
+
+ARGS=(--config "$CONFIG" "logging.run_dir=$RUN_DIR")
+[[ -n "${MEGAFUSION_HF_LLAMA:-}" ]] && ARGS+=("checkpoint.hf_llama=$MEGAFUSION_HF_LLAMA")
+[[ -n "${MEGAFUSION_LOAD:-}" ]] && ARGS+=("checkpoint.load=$MEGAFUSION_LOAD")
+read -r -a EXTRA <<< "${MEGAFUSION_OVERRIDES:-}"
+ARGS+=("${EXTRA[@]}")
+
+# Validate against SLURM_NTASKS before any rank starts: a bad config fails here, naming the key.
+python -m launcher.train --check "${ARGS[@]}"
+
+requeue() {
+  echo "[slurm] USR1: asking the trainer to checkpoint, then requeueing job ${SLURM_JOB_ID}"
+  kill -USR1 "$SRUN_PID" 2>/dev/null || true
+  wait "$SRUN_PID" || true
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+}
+trap requeue USR1
+
+echo "[slurm] ${SLURM_NTASKS} tasks on ${SLURM_JOB_NUM_NODES} node(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}: launcher.train ${ARGS[*]}"
+srun --kill-on-bad-exit=1 python -m launcher.train "${ARGS[@]}" &
+SRUN_PID=$!
+wait "$SRUN_PID"

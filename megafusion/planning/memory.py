@@ -1,0 +1,250 @@
+"""Per-GPU memory and per-step FLOPs of a LlamaFusion training layout, and which layouts fit a GPU.
+
+What is exact and what is modelled:
+  * parameters, gradients, ZeRO-partitioned fp32 master weights and Adam moments, and the
+    ZeRO reduce bucket are counted from the model's shapes (the U-Nets by building them on
+    the meta device) and DeepSpeed's ZeRO-1/2 layout, per pipeline stage;
+  * transformer-layer activations are a per-token model of this implementation's saved
+    tensors, ``elements/token = 11.61 h + 11.61 q + 6.24 f + 5.41 kv - 2154`` (q, kv, f are a
+    rank's local widths; h is divided by TP only under sequence parallelism). The coefficients
+    were fitted to tensors measured by ``TensorMemoryTracker`` on real layers of this code
+    (12 shapes, within 11%); they scale with the parameter dtype;
+  * U-Net activations per image are measured by running the configured U-Nets on one image;
+  * pipeline schedules keep ``min(micro-batches, pp)`` micro-batches in flight on the first
+    stage (1F1B), or megatron-core's interleaved warm-up count of model chunks; activation
+    checkpointing keeps each layer's input plus one layer being recomputed.
+The peak is the static part and the ZeRO bucket plus the larger of the activations (backward
+frees them as it makes gradients) and the gradients with the optimizer step's fp32 partition. ``tests/unit/test_planner.py``
+checks the tiny preset's figure against the peak tensor memory of real CPU training runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from megafusion.config.schema import Config
+from megafusion.parallel.megatron_config import padded_vocab_size
+
+GIB = 2**30
+LAYER_COEF = {"const": -2154.0, "h": 11.61, "q": 11.61, "f": 6.238, "kv": 5.409}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    vpp: int = 1
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+    zero_stage: int = 1
+    micro_batch_size: int = 1
+
+    def __str__(self) -> str:
+        s = f"TP{self.tp} PP{self.pp}" + (f"xVPP{self.vpp}" if self.vpp > 1 else "") + f" DP{self.dp}"
+        return s + (" SP" if self.sequence_parallel else "") + (" AC" if self.activation_checkpointing else "") + \
+            f" ZeRO-{self.zero_stage} mb{self.micro_batch_size}"
+
+
+@dataclass
+class StageMemory:
+    """Bytes on one GPU of a pipeline stage."""
+
+    stage: str
+    frozen_weights: float
+    trainable_weights: float
+    gradients: float
+    optimizer: float  # fp32 master + Adam moments (ZeRO-partitioned)
+    bucket: float
+    activations: float
+    step_transient: float  # fp32 gradient partition during the optimizer step (bf16 runs)
+
+    @property
+    def peak(self) -> float:
+        """Static memory + bucket + the larger of the backward pass's and the optimizer step's needs.
+
+        Backward frees activations layer by layer as it allocates gradients, so the two
+        do not add up (measured: the peak sits where backward starts); the step needs all
+        gradients and, in bf16, their fp32 partition.
+        """
+        static = self.frozen_weights + self.trainable_weights + self.optimizer
+        return static + self.bucket + max(self.activations, self.gradients + self.step_transient)
+
+
+def layout_of(cfg: Config, world: int) -> Layout:
+    p = cfg.parallel
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    dp = p.data_parallel if p.data_parallel > 0 else max(1, world // (tp * pp))
+    return Layout(tp, pp, dp, p.virtual_pipeline_stages or 1, p.sequence_parallel, p.activation_checkpointing,
+                  p.zero_stage, cfg.data.micro_batch_size)
+
+
+def _unet_params(cfg: Config) -> tuple[int, int]:
+    from megafusion.model.image_io import build_image_in, build_image_out
+
+    m = cfg.model
+    with torch.device("meta"):
+        a = build_image_in(m.image, m.hidden_size)
+        b = build_image_out(m.image, m.hidden_size, m.rms_norm_eps)
+    return sum(x.numel() for x in a.parameters()), sum(x.numel() for x in b.parameters())
+
+
+_UNET_ACT: dict[tuple, float] = {}
+
+
+def unet_activation_bytes_fp32(cfg: Config) -> float:
+    """Tensors the U-Nets keep for backward for one image (fp32), measured on a real forward."""
+    from megafusion.model.image_io import build_image_in, build_image_out
+    from megafusion.planning.tensor_memory import TensorMemoryTracker
+
+    m, img = cfg.model, cfg.model.image
+    key = (repr(img), m.hidden_size)
+    if key not in _UNET_ACT:
+        with torch.random.fork_rng(devices=[]):
+            enc, dec = build_image_in(img, m.hidden_size), build_image_out(img, m.hidden_size, m.rms_norm_eps)
+        lat = torch.zeros(1, img.latent_channels, img.latent_size, img.latent_size)
+        t = torch.zeros(1, dtype=torch.long)
+        tracker = TensorMemoryTracker()
+        with tracker:
+            start = tracker.current
+            tokens, skips = enc(lat, t)
+            out = dec(tokens.detach().requires_grad_(True), t, skips)
+            _UNET_ACT[key] = float(tracker.current - start)
+        del out, tokens, skips
+    return _UNET_ACT[key]
+
+
+def layer_activation_elements(cfg: Config, lay: Layout, tokens: int) -> float:
+    """Elements one transformer layer keeps for backward for ``tokens`` tokens of one micro-batch."""
+    m = cfg.model
+    c = LAYER_COEF
+    h_local = m.hidden_size / (lay.tp if lay.sequence_parallel else 1)
+    q = m.num_attention_heads * m.head_dim / lay.tp
+    kv = m.num_kv_heads * m.head_dim / lay.tp
+    f = m.ffn_hidden_size / lay.tp
+    per_token = c["const"] + c["h"] * h_local + c["q"] * q + c["f"] * f + c["kv"] * kv
+    return tokens * max(per_token, 2.0 * h_local)
+
+
+def in_flight(lay: Layout, num_micro: int, rank: int = 0) -> int:
+    """Model chunks (x micro-batches) whose activations pipeline rank ``rank`` holds at once.
+
+    megatron-core's warm-up counts: 1F1B ``pp - rank - 1`` forwards before the first
+    backward, interleaved ``(pp - rank - 1) * 2 + (vpp - 1) * pp``; plus the one in steady state.
+    """
+    if lay.pp == 1:
+        return 1
+    if lay.vpp == 1:
+        return min(num_micro, lay.pp - rank)
+    warmup = (lay.pp - rank - 1) * 2 + (lay.vpp - 1) * lay.pp
+    return min(num_micro * lay.vpp, warmup + 1)
+
+
+def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction: float = 0.5) -> list[StageMemory]:
+    """Memory of the first, (a middle,) and last pipeline stage under ``lay``."""
+    m = cfg.model
+    t, pp = lay.tp, lay.pp
+    h, d = m.hidden_size, m.head_dim
+    vpad = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, t)
+    tower = (h * (m.num_attention_heads + 2 * m.num_kv_heads) * d + m.num_attention_heads * d * h
+             + 3 * h * m.ffn_hidden_size) / t + 2 * h  # one tower of one layer on one TP rank
+    layers = m.num_layers / pp
+    unet_in, unet_out = _unet_params(cfg)
+    s, mb = cfg.data.seq_length, lay.micro_batch_size
+    num_micro = max(1, cfg.data.global_batch_size // (mb * lay.dp))
+    tokens = s * mb
+    images = tokens * image_fraction / m.image.tokens_per_image
+    scale = dtype_bytes / 4  # activations were measured in fp32
+    per_layer = layer_activation_elements(cfg, lay, tokens) * 4 * scale
+    h_local = h / (t if lay.sequence_parallel else 1)
+    layers_per_chunk = m.num_layers / (pp * lay.vpp)
+    unet_act = unet_activation_bytes_fp32(cfg) * scale * images
+    kinds = ["first", "last"] if pp > 1 else ["only"]
+    if pp > 2:
+        kinds.insert(1, "middle")
+    out = []
+    for kind in kinds:
+        first, last = kind in ("first", "only"), kind in ("last", "only")
+        rank = {"first": 0, "only": 0, "middle": pp // 2, "last": pp - 1}[kind]
+        chunks = in_flight(lay, num_micro, rank)
+        micro_in_flight = max(1, math.ceil(chunks / lay.vpp))
+        if lay.activation_checkpointing:  # each layer's input, plus the one layer being recomputed
+            act = chunks * layers_per_chunk * tokens * h_local * dtype_bytes + per_layer
+        else:
+            act = chunks * layers_per_chunk * per_layer
+        act += micro_in_flight * tokens * h_local * dtype_bytes  # the stage's input/output hidden states
+        if first or last:
+            act += micro_in_flight * unet_act
+        if last:
+            act += tokens * (vpad / t) * 4 * 2  # fp32 logits and their gradient
+        frozen = layers * tower + (vpad * h / t if first else 0) + ((vpad * h / t + h) if last else 0)
+        trainable = layers * tower + (2 * h + unet_in if first else 0) + (unet_out if last else 0)
+        replica = unet_in if (last and not first and m.image.io == "unet") else 0
+        grads = (trainable + replica) * dtype_bytes / (lay.dp if lay.zero_stage == 2 else 1)
+        out.append(StageMemory(
+            stage=kind,
+            frozen_weights=frozen * dtype_bytes,
+            trainable_weights=(trainable + replica) * dtype_bytes,
+            gradients=grads,
+            optimizer=3 * 4 * trainable / lay.dp,
+            bucket=min(cfg.parallel.zero_bucket_elements, trainable) * dtype_bytes,
+            activations=act,
+            step_transient=4 * trainable / lay.dp if dtype_bytes != 4 else 0.0,
+        ))
+    return out
+
+
+def step_flops(cfg: Config, image_fraction: float = 0.5) -> float:
+    """Training FLOPs of one optimizer step (global batch, all ranks), as the trainer's MFU counts them."""
+    from megafusion.training.metrics import image_io_flops_per_image, transformer_flops_per_step
+
+    seqs = cfg.data.global_batch_size
+    tokens = seqs * cfg.data.seq_length
+    image = int(tokens * image_fraction)
+    images = image / cfg.model.image.tokens_per_image
+    return transformer_flops_per_step(cfg, tokens - image, image, seqs) + images * image_io_flops_per_image(cfg)
+
+
+def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
+    """TP x PP (x DP) layouts the model can be split into on ``gpus`` GPUs (TP within a node)."""
+    m, d = cfg.model, cfg.data
+    out = []
+    for tp in (1, 2, 4, 8, 16):
+        if tp > gpus_per_node or m.num_attention_heads % tp or m.num_kv_heads % tp or m.ffn_hidden_size % tp:
+            continue
+        for pp in range(1, min(m.num_layers, 32) + 1):
+            if m.num_layers % pp or gpus % (tp * pp):
+                continue
+            dp = gpus // (tp * pp)
+            if d.global_batch_size % (d.micro_batch_size * dp):
+                continue
+            for ac in (False, True):
+                zero = 1 if pp > 1 or d.global_batch_size != d.micro_batch_size * dp else 2
+                out.append(Layout(tp, pp, dp, 1, tp > 1, ac, zero, d.micro_batch_size))
+    return out
+
+
+def fits(cfg: Config, lay: Layout, gpu_gib: float, dtype_bytes: int = 2, image_fraction: float = 0.5,
+         headroom: float = 0.9) -> tuple[bool, float]:
+    """(fits, peak GiB): the worst stage's peak against ``headroom`` x the GPU (allocator slack, NCCL buffers)."""
+    peak = max(sm.peak for sm in stage_memory(cfg, lay, dtype_bytes, image_fraction)) / GIB
+    return peak <= gpu_gib * headroom, peak
+
+
+def with_layout(cfg: Config, lay: Layout) -> Config:
+    par = replace(cfg.parallel, tensor_parallel=lay.tp, pipeline_parallel=lay.pp, data_parallel=lay.dp,
+                  virtual_pipeline_stages=lay.vpp if lay.vpp > 1 else None, sequence_parallel=lay.sequence_parallel,
+                  activation_checkpointing=lay.activation_checkpointing, zero_stage=lay.zero_stage)
+    return replace(cfg, parallel=par, data=replace(cfg.data, micro_batch_size=lay.micro_batch_size))
+
+
+def mfu(cfg: Config, step_seconds: float, gpus: int, peak_tflops: float, image_fraction: float = 0.5) -> float:
+    return step_flops(cfg, image_fraction) / (step_seconds * gpus * peak_tflops * 1e12)
+
+
+def human(b: float) -> str:
+    return f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"
+

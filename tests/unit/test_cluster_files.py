@@ -1,0 +1,27 @@
+"""The cluster files users submit: Ray's own schema accepts the cluster YAML; the SLURM scripts parse."""
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_ray_cluster_yaml_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster" / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))  # what `ray up` runs first; raises on a bad field
+    assert any("pip install" in c and "megafusion" in c for c in cfg["setup_commands"])
+    assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
+
+
+def test_slurm_scripts_are_valid_bash_with_the_documented_directives():
+    for name, nodes in (("train_70b.slurm", "32"), ("train_8b.slurm", "8")):
+        path = ROOT / "cluster" / name
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+        directives = [ln.split(None, 1)[1] for ln in path.read_text().splitlines() if ln.startswith("#SBATCH")]
+        assert f"--nodes={nodes}" in directives and "--requeue" in directives
+        assert "--signal=B:USR1@120" in directives and "--gres=gpu:8" in directives
+    assert subprocess.run(["bash", "-n", str(ROOT / "cluster" / "train_common.sh")]).returncode == 0
