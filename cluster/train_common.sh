@@ -9,7 +9,8 @@
 #   MEGAFUSION_LOAD       converted/resharded checkpoint to start from (checkpoint.load)
 #   RUN_DIR               run folder: metrics, config.yaml, checkpoints/, git revision
 #   MASTER_PORT           rendezvous port (default: derived from the job id)
-# Preemption: SLURM sends USR1 to this shell 120 s before the time limit (--signal=B:USR1@120).
+# Preemption: SLURM sends USR1 to this shell 600 s before the time limit (--signal=B:USR1@600),
+# room for the step in flight plus a 70B checkpoint save.
 # The trap forwards it to srun (which forwards it to every rank); the trainer saves a
 # checkpoint and exits 0; then the job requeues itself and the next run resumes from `latest`.
 set -euo pipefail
@@ -33,11 +34,13 @@ export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"
 export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker0}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"   # srun (22.05+) no longer inherits --cpus-per-task
 export PYTHONUNBUFFERED=1
 
 {
   echo "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST} ($(date -u +%FT%TZ))"
-  echo "git $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" status --porcelain 2>/dev/null | grep -q . && echo ' (with uncommitted changes)')"
+  DIRTY="$(git -C "$ROOT" status --porcelain 2>/dev/null || true)"
+  echo "git $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)${DIRTY:+ (with uncommitted changes)}"
 } >> "$RUN_DIR/slurm_jobs.log"
 git -C "$ROOT" rev-parse HEAD > "$RUN_DIR/git_revision.txt" 2>/dev/null || echo unknown > "$RUN_DIR/git_revision.txt"
 
@@ -45,7 +48,7 @@ ARGS=(--config "$CONFIG" "logging.run_dir=$RUN_DIR")
 [[ -n "${MEGAFUSION_HF_LLAMA:-}" ]] && ARGS+=("checkpoint.hf_llama=$MEGAFUSION_HF_LLAMA")
 [[ -n "${MEGAFUSION_LOAD:-}" ]] && ARGS+=("checkpoint.load=$MEGAFUSION_LOAD")
 read -r -a EXTRA <<< "${MEGAFUSION_OVERRIDES:-}"
-ARGS+=("${EXTRA[@]}")
+ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})   # (empty-array safe under set -u on bash < 4.4)
 
 # Validate against SLURM_NTASKS before any rank starts: a bad config fails here, naming the key.
 python -m launcher.train --check "${ARGS[@]}"
@@ -53,7 +56,12 @@ python -m launcher.train --check "${ARGS[@]}"
 requeue() {
   echo "[slurm] USR1: asking the trainer to checkpoint, then requeueing job ${SLURM_JOB_ID}"
   kill -USR1 "$SRUN_PID" 2>/dev/null || true
-  wait "$SRUN_PID" || true
+  local code=0
+  wait "$SRUN_PID" || code=$?
+  if [[ $code -ne 0 ]]; then   # the save failed: do not loop on a broken run
+    echo "[slurm] the trainer exited with $code while saving; not requeueing" >&2
+    exit "$code"
+  fi
   scontrol requeue "$SLURM_JOB_ID"
   exit 0
 }

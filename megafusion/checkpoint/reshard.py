@@ -14,12 +14,16 @@ of a flat buffer whose order and padding belong to the live DeepSpeed optimizer.
 size the resumed run has, from the live optimizer's own parameter order, so the
 DP size is not fixed here (``dp`` only validates the batch arithmetic).
 
-Input ZeRO partitions are read as flat ranges (``optim/tp{t}_pp{p}_dp{d}``; the
-JSON beside each lists its parameters in flat order), so a parameter costs one
-read per partition it overlaps. Nothing is memory-mapped or unpickled: each
-tensor is read into a buffer, unsharded, re-cut and written, one at a time, so
-peak memory is a few times the largest tensor, not a shard. Every input file is checked against the input ``index.json``
-before it is read; the output gets its own index and is published by a rename.
+Nothing passes through this process's memory but small index tensors: each output
+tensor is planned as byte runs of the input files (``_Source.runs``: block ids put
+through the same ``gather.unshard``/``gather.shard`` as real tensors), copied
+file-to-file with ``os.copy_file_range``, or, for tensors made of many short runs, read
+once per source region and gathered. Input ZeRO partitions are addressed as flat ranges
+(the JSON beside each lists its parameters in flat order), so a parameter spanning two
+partitions is two runs. Input files are checksummed against the input ``index.json`` in
+background threads while the copy runs (sizes at once); the output is checksummed from
+the finished files, gets its own index and is published by a rename only after every
+input has passed.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ from typing import Any, Callable, Optional
 import torch
 import yaml
 
-from megafusion.checkpoint.gather import canonical_name, shard, unshard
-from megafusion.checkpoint.tensor_file import DTYPES, TensorFile, write_tensor_file
+from megafusion.checkpoint.gather import canonical_name, shard, shard_kind, unshard
+from megafusion.checkpoint.tensor_file import DTYPES, TensorFile, merge_runs, write_tensor_file
 from megafusion.config.loader import config_from_dict, dump_config
 from megafusion.config.schema import Config
 from megafusion.durable import fsync_path
@@ -97,11 +101,15 @@ class _Source:
         self.layout = Layout(lay["tp"], lay["pp"], lay.get("vpp", 1))
         self.weights_only = bool(self.meta.get("weights_only", False))
         self.universal = self.meta.get("optimizer_format") == UNIVERSAL
-        # verify every file we will read before reading any (a bad shard fails before any output exists)
+        # every input file is checksummed in the background while the copy runs; the output is
+        # published only after all of them have passed (wait_verified)
         wanted = [rel for rel in sorted(self.index)
                   if rel.startswith("model/") or (rel.startswith("optim/") and not self.weights_only)]
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # hashing releases the GIL
-            list(pool.map(lambda rel: verify_file(root, rel, self.index), wanted))
+        for rel in wanted:  # cheap checks first: a missing or truncated file fails before any copying
+            if not (root / rel).is_file() or (root / rel).stat().st_size != self.index[rel]["bytes"]:
+                verify_file(root, rel, self.index)
+        self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))  # hashing releases the GIL
+        self._verified = [self._pool.submit(verify_file, root, rel, self.index) for rel in wanted]
         # canonical name -> {tp_rank: (file, key)}; shapes come from the index
         self.model: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
         self.shapes: dict[tuple[str, int], tuple[int, ...]] = {}
@@ -121,7 +129,9 @@ class _Source:
         self.optim: dict[str, dict[int, dict[str, list[tuple[str, str, int, int]]]]] = defaultdict(dict)
         if not self.weights_only:
             self._index_optimizer()
-        self._files: dict[str, TensorFile] = {}
+        self.sources: list[Path] = []  # file index -> path, as addresses encode it
+        self._fids: dict[str, int] = {}
+        self._offsets: dict[tuple[str, str], int] = {}
 
     def _index_optimizer(self) -> None:
         steps = set()
@@ -169,15 +179,26 @@ class _Source:
             raise CheckpointError(f"{self.root}: optimizer groups disagree on the step count: {sorted(steps)}")
         self.step = steps.pop() if steps else None
 
-    def _file(self, rel: str) -> TensorFile:
-        if rel not in self._files:
-            self._files[rel] = TensorFile(self.root / rel)
-        return self._files[rel]
+    def wait_verified(self) -> None:
+        """Raise the first checksum failure of an input file, if any."""
+        for fut in self._verified:
+            fut.result()
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        self._pool.shutdown(wait=True)
+
+    def _fid(self, rel: str) -> int:
+        if rel not in self._fids:
+            self._fids[rel] = len(self.sources)
+            self.sources.append(self.root / rel)
+        return self._fids[rel]
+
+    def _offset(self, rel: str, key: str) -> int:
+        if (rel, key) not in self._offsets:
+            with TensorFile(self.root / rel) as f:
+                for k in f.keys():
+                    self._offsets[(rel, k)] = f.data_offset(k)
+        return self._offsets[(rel, key)]
 
     def dtype(self, canon: str) -> torch.dtype:
         rel, key = self.model[canon][0]
@@ -192,26 +213,62 @@ class _Source:
     def has_state(self, canon: str, state: str) -> bool:
         return state in self.optim.get(canon, {}).get(0, {})
 
-    def weight(self, canon: str) -> torch.Tensor:
-        """The full (unsharded) tensor of a canonical trainable parameter."""
-        by_rank = self.model[canon]
-        shards = [self._file(rel).read(key) for rel, key in (by_rank[t] for t in sorted(by_rank))]
-        return unshard(canon, shards, self.cfg.model)
+    def _pieces(self, canon: str, t: int, state: Optional[str]) -> tuple[list[tuple[int, int, int, int]], int]:
+        """Where input rank t's shard of ``canon`` (or of its optimizer ``state``) lies, in its flat order.
 
-    def state(self, canon: str, state: str) -> Optional[torch.Tensor]:
-        """The full tensor of one optimizer state of ``canon``, or None if it has none."""
-        if not self.has_state(canon, state):
-            return None
-        by_rank = self.optim[canon]
-        shards = []
-        for t in sorted(by_rank):
-            flat = torch.empty(math.prod(self.shapes[(canon, t)]), dtype=torch.float32)
-            at = 0
-            for rel, key, a, b in by_rank[t][state]:  # the ranges of the ZeRO partitions it spans
-                self._file(rel).read_flat(key, a, b, out=flat[at:at + b - a])
-                at += b - a
-            shards.append(flat.view(self.shapes[(canon, t)]))
-        return unshard(canon, shards, self.cfg.model)
+        Returns ([(file index, byte offset, first element, end element)], itemsize): one piece
+        for a weight, one per ZeRO partition the parameter spans for an optimizer state.
+        """
+        if state is None:
+            rel, key = self.model[canon][t]
+            n = math.prod(self.shapes[(canon, t)])
+            itemsize = torch.empty((), dtype=self.dtype(canon)).element_size()
+            return [(self._fid(rel), self._offset(rel, key), 0, n)], itemsize
+        pieces, at = [], 0
+        for rel, key, a, b in self.optim[canon][t][state]:
+            pieces.append((self._fid(rel), self._offset(rel, key) + 4 * a, at, at + b - a))
+            at += b - a
+        return pieces, 4
+
+    def runs(self, canon: str, tp: int, rank: int, state: Optional[str] = None) -> list[tuple[int, int, int]]:
+        """Source byte runs, in order, of rank ``rank``'s shard at TP size ``tp`` (weight or optimizer state).
+
+        The re-cut is computed on *unit ids* instead of values: every input shard becomes a
+        small int64 tensor whose entries name blocks of ``u`` contiguous elements (a whole
+        row, or the largest column block that both the old and the new TP cut keep whole),
+        and goes through the same ``unshard``/``shard`` as real tensors. The blocks of the
+        result, mapped to where they lie in the input files, are the runs.
+        """
+        cfg = self.cfg.model
+        ranks = sorted(self.model[canon])
+        kind = shard_kind(canon)
+        shapes = [self.shapes[(canon, t)] for t in ranks]
+        if kind == "replicated":
+            pieces, itemsize = self._pieces(canon, ranks[0], state)
+            return merge_runs([(f, off, (e - s_) * itemsize) for f, off, s_, e in pieces])
+        cols = shapes[0][1]
+        u = math.gcd(cols, cols * len(ranks) // tp) if kind == "row" else cols
+        units = []
+        for t, shp in zip(ranks, shapes):
+            n = shp[0] * shp[1] // u
+            units.append((t * 2**40 + torch.arange(n, dtype=torch.int64)).view(shp[0], shp[1] // u))
+        order = shard(canon, unshard(canon, units, cfg), cfg, tp, rank).reshape(-1)
+        runs: list[tuple[int, int, int]] = []
+        # consecutive blocks from the same input rank form one stretch of its flat order
+        src_rank, idx = order // 2**40, order % 2**40
+        cut = torch.nonzero((src_rank[1:] != src_rank[:-1]) | (idx[1:] != idx[:-1] + 1)).squeeze(1) + 1
+        starts = [0, *cut.tolist()]
+        ends = [*starts[1:], order.numel()]
+        table = {t: self._pieces(canon, t, state) for t in ranks}
+        first_rank, first_idx, last_idx = src_rank[starts].tolist(), idx[starts].tolist(), idx[[e - 1 for e in ends]].tolist()
+        for t, i0, i1 in zip(first_rank, first_idx, last_idx):
+            lo, hi = i0 * u, (i1 + 1) * u  # elements [lo, hi) of rank t's flat shard
+            pieces, itemsize = table[t]
+            for f, off, s_, e in pieces:  # usually one piece; more where ZeRO partitions split it
+                x, y = max(lo, s_), min(hi, e)
+                if x < y:
+                    runs.append((f, off + (x - s_) * itemsize, (y - x) * itemsize))
+        return merge_runs(runs)
 
 
 def _check_layout(cfg: Config, new: Layout, dp: Optional[int], where: Path) -> None:
@@ -243,16 +300,18 @@ def reshard_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int, pp: int
     t0 = time.time()
     src = _Source(src_dir)
     cfg, m = src.cfg, src.cfg.model
-    _check_layout(cfg, new, dp, src_dir)
-    unknown = [c for c in src.model if c not in src.optim] if not src.weights_only else []
-    if unknown and src.step is not None:
-        raise CheckpointError(f"{src_dir}: trainable parameters without optimizer state, e.g. {unknown[:3]}")
-
-    # which canonical names each new (pp, chunk) holds, in a stable order
-    where: dict[tuple[int, int], list[str]] = defaultdict(list)
-    for canon in sorted(src.model):
-        for spot in _placement(canon, m, new):
-            where[spot].append(canon)
+    where: dict[tuple[int, int], list[str]] = defaultdict(list)  # canonical names of each new (pp, chunk)
+    try:
+        _check_layout(cfg, new, dp, src_dir)
+        unknown = [c for c in src.model if c not in src.optim] if not src.weights_only else []
+        if unknown and src.step is not None:
+            raise CheckpointError(f"{src_dir}: trainable parameters without optimizer state, e.g. {unknown[:3]}")
+        for canon in sorted(src.model):
+            for spot in _placement(canon, m, new):
+                where[spot].append(canon)
+    except BaseException:
+        src.close()
+        raise
     unet_in = [c for c in sorted(src.model) if c.startswith("image_in.")]
 
     tmp = out.with_name(out.name + ".tmp")
@@ -262,41 +321,51 @@ def reshard_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int, pp: int
     if not src.weights_only:
         (tmp / "optim").mkdir()
     index: dict[str, Any] = {}
+    hashes: dict[str, Any] = {}
     bar = tqdm(total=new.tp * new.pp, desc="resharding", unit="shard", disable=not progress)
     moved = 0
     try:
         for p in range(new.pp):
             for t in range(new.tp):
                 stem = f"tp{t}_pp{p}"
-                weights, states = [], []  # (key, dtype, shape, produce): written one tensor at a time
+                weights, states = [], []  # (key, dtype, shape, addresses of its elements)
                 for chunk in range(new.vpp):
                     for canon in where[(p, chunk)]:
                         dtype, shape = src.dtype(canon), src.local_shape(canon, new.tp, t)
                         weights.append((f"{chunk}.core.{canon}", dtype, shape,
-                                        lambda c=canon, t=t: shard(c, src.weight(c), m, new.tp, t).contiguous()))
+                                        lambda c=canon, t=t: src.runs(c, new.tp, t)))
                         for s in STATES if not src.weights_only else ():
                             if src.has_state(canon, s):
                                 states.append((f"{chunk}.core.{canon}/{s}", torch.float32, (math.prod(shape),),
-                                               lambda c=canon, s=s, t=t: shard(c, src.state(c, s), m, new.tp, t).reshape(-1)))
+                                               lambda c=canon, s=s, t=t: src.runs(c, new.tp, t, s)))
                     last_not_first = (p, chunk) == (new.pp - 1, new.vpp - 1) and (p, chunk) != (0, 0)
                     if last_not_first and unet_in and cfg.model.image.io == "unet":
                         for canon in unet_in:  # the last stage's tied down-sampler replica
                             weights.append((f"{chunk}.{REPLICA}.{canon[len('image_in.'):]}", src.dtype(canon),
-                                            src.local_shape(canon, 1, 0), lambda c=canon: src.weight(c)))
-                rel = f"model/{stem}.safetensors"
-                index[rel] = write_tensor_file(tmp / rel, weights)
-                moved += index[rel]["bytes"]
+                                            src.local_shape(canon, 1, 0), lambda c=canon: src.runs(c, 1, 0)))
+                files = [(f"model/{stem}.safetensors", weights)]
                 if not src.weights_only:
-                    rel = f"optim/{stem}.safetensors"
-                    index[rel] = write_tensor_file(tmp / rel, states)
-                    moved += index[rel]["bytes"]
+                    files.append((f"optim/{stem}.safetensors", states))
                     (tmp / f"optim/{stem}.json").write_text(json.dumps({"format": UNIVERSAL, "step": src.step}))
                     index[f"optim/{stem}.json"] = file_digest(tmp / f"optim/{stem}.json")
-                src.close()  # release file handles between output shards
+                for rel, entries in files:
+                    index[rel] = write_tensor_file(tmp / rel, entries, src.sources)
+                    moved += index[rel]["bytes"]
+                    hashes[rel] = src._pool.submit(file_digest, tmp / rel)  # checksum of the finished file
                 bar.update(1)
-    finally:
-        src.close()
-        bar.close()
+        src.wait_verified()
+    except BaseException:
+        try:
+            src.wait_verified()  # a corrupted input explains a failure best
+        finally:
+            src.close()
+            bar.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for rel, fut in hashes.items():
+        index[rel] = fut.result()
+    src.close()
+    bar.close()
 
     layout: dict[str, int] = {"tp": new.tp, "pp": new.pp, "vpp": new.vpp}
     if dp is not None:

@@ -11,12 +11,10 @@ data_offsets}}``, then the raw bytes. Nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -89,6 +87,10 @@ class TensorFile:
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
 
+    def data_offset(self, name: str) -> int:
+        """Byte offset of the tensor's first element in the file."""
+        return self._data_start + self._entry(name)["data_offsets"][0]
+
     def read(self, name: str) -> torch.Tensor:
         """The whole tensor, in its shape."""
         return self.read_flat(name, 0, self.numel(name)).view(self.shape(name))
@@ -118,15 +120,31 @@ class TensorFile:
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def write_tensor_file(path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]],
-                      ) -> dict[str, Any]:
-    """Write a safetensors file tensor by tensor; return its index entry (bytes, sha256, tensors).
+Run = tuple[int, int, int]  # (source file index, byte offset, byte length)
 
-    ``entries`` are ``(name, dtype, shape, produce)``: the header needs every shape up
-    front, the data does not, so each tensor is produced, written and dropped in turn
-    and the file is never held in memory whole (``safetensors.torch.save_file`` holds
-    the dict and a bytes copy of it). The checksum is taken from the bytes as they are
-    written, so the file is not read back. Readable by ``safetensors`` like any other file.
+
+def merge_runs(runs: list[Run]) -> list[Run]:
+    """Join runs that continue each other in the same source file."""
+    out: list[list[int]] = []
+    for fid, off, n in runs:
+        if out and out[-1][0] == fid and out[-1][1] + out[-1][2] == off:
+            out[-1][2] += n
+        else:
+            out.append([fid, off, n])
+    return [(a, b, c) for a, b, c in out]
+
+
+def write_tensor_file(path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...],
+                                                            Callable[[], list[Run]]]],
+                      sources: list[Path]) -> dict[str, Any]:
+    """Write a safetensors file whose tensors are re-arranged bytes of other safetensors files.
+
+    ``entries`` are ``(name, dtype, shape, runs)``: ``runs()`` lists, in the output
+    tensor's byte order, the source byte ranges it is made of. Long contiguous runs are
+    copied file-to-file with ``os.copy_file_range``, inside the kernel, without passing through this process (a pread/pwrite loop where the
+    kernel refuses); a tensor made of many short runs (rows interleaved by a row-parallel
+    re-cut) is gathered from one read per source region instead. Returns the index entry
+    without the checksum, which the caller computes from the finished file.
     """
     header: dict[str, Any] = {}
     offset = 0
@@ -137,34 +155,63 @@ def write_tensor_file(path: str | Path, entries: list[tuple[str, torch.dtype, tu
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as safetensors writes it
     head = struct.pack("<Q", len(raw)) + raw
-    digest = hashlib.sha256(head)
-    # a second thread writes and hashes tensor i while tensor i+1 is produced (one in flight)
-    worker = ThreadPoolExecutor(max_workers=1)
-    pending = None
+    fds: dict[int, int] = {}
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, len(head) + offset)
         os.pwrite(fd, head, 0)
-        for name, dtype, shape, produce in entries:
-            t = produce()
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{path}: {name} produced {t.dtype} {tuple(t.shape)}, planned {dtype} {tuple(shape)}")
-            data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            if pending is not None:
-                pending.result()
-            pending = worker.submit(_write_and_hash, fd, len(head) + header[name]["data_offsets"][0], data, digest)
-        if pending is not None:
-            pending.result()
+        for name, _, _, make in entries:
+            at = len(head) + header[name]["data_offsets"][0]
+            nbytes = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            runs = make()
+            if sum(r[2] for r in runs) != nbytes:
+                raise ValueError(f"{path}: {name} planned {nbytes} bytes, its runs cover {sum(r[2] for r in runs)}")
+            for fid, _, _ in runs:
+                if fid not in fds:
+                    fds[fid] = os.open(sources[fid], os.O_RDONLY)
+            if len(runs) <= max(8, nbytes >> 16):  # runs of 64 KiB on average or more
+                for fid, src_off, length in runs:
+                    _copy_range(fds[fid], src_off, fd, at, length, sources[fid])
+                    at += length
+            else:  # many short runs (a row-parallel re-cut): one read per source region, gather, one write
+                view = memoryview(_gather(runs, nbytes, fds, sources))
+                while len(view):
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
     finally:
-        worker.shutdown()
         os.close(fd)
-    return {"bytes": len(head) + offset, "sha256": digest.hexdigest(),
+        for f in fds.values():
+            os.close(f)
+    return {"bytes": len(head) + offset,
             "tensors": {name: {"shape": list(shape), "dtype": NAMES[dtype]} for name, dtype, shape, _ in entries}}
 
 
-def _write_and_hash(fd: int, at: int, data: memoryview, digest) -> None:
-    """pwrite all of ``data`` at offset ``at`` and feed it to ``digest`` (both release the GIL)."""
-    digest.update(data)
-    while len(data):
-        n = os.pwrite(fd, data, at)
-        data, at = data[n:], at + n
+def _gather(runs: list[Run], nbytes: int, fds: dict[int, int], sources: list[Path]) -> bytearray:
+    """The bytes of ``runs`` in order, reading each source file's covering range once."""
+    regions: dict[int, tuple[int, memoryview]] = {}
+    for f in {r[0] for r in runs}:
+        lo = min(r[1] for r in runs if r[0] == f)
+        hi = max(r[1] + r[2] for r in runs if r[0] == f)
+        data = os.pread(fds[f], hi - lo, lo)
+        if len(data) != hi - lo:
+            raise TensorFileError(f"{sources[f]}: ends before byte {hi} (truncated?)")
+        regions[f] = (lo, memoryview(data))
+    out = bytearray(nbytes)
+    at = 0
+    for f, off, n in runs:
+        lo, data = regions[f]
+        out[at:at + n] = data[off - lo:off - lo + n]
+        at += n
+    return out
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, length: int, src_path: Path) -> None:
+    while length > 0:
+        try:
+            n = os.copy_file_range(src, dst, length, src_off, dst_off)
+        except OSError:  # e.g. a filesystem without it: copy through a buffer
+            data = os.pread(src, min(length, 1 << 24), src_off)
+            n = os.pwrite(dst, data, dst_off) if data else 0
+        if n == 0:
+            raise TensorFileError(f"{src_path}: ends before byte {src_off + length} (truncated?)")
+        src_off, dst_off, length = src_off + n, dst_off + n, length - n

@@ -116,8 +116,9 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     elif p.data_parallel < 1 and p.data_parallel != -1:
         errs.append(f"parallel.data_parallel={p.data_parallel} must be >= 1 or -1 (derived)")
 
-    if p.zero_bucket_elements < 1:
-        errs.append(f"parallel.zero_bucket_elements={p.zero_bucket_elements} must be >= 1")
+    if p.zero_bucket_elements < 2 or p.zero_bucket_elements % 2:
+        errs.append(f"parallel.zero_bucket_elements={p.zero_bucket_elements} must be an even number >= 2 "
+                    "(DeepSpeed splits buckets in halves)")
     if p.zero_stage not in (1, 2):
         errs.append(f"parallel.zero_stage={p.zero_stage} must be 1 or 2")
     elif p.zero_stage == 2 and pp > 1:

@@ -33,6 +33,13 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _need_generator(model, generator: Optional[torch.Generator], what: str) -> None:
+    """TP ranks must draw the same random numbers: require an explicitly seeded generator there."""
+    if generator is None and model.pctx.tp_size > 1:
+        raise ValueError(f"{what} at tensor-parallel size {model.pctx.tp_size} needs generator= (the same seed on "
+                         "every rank), otherwise ranks draw different tokens or noise")
+
+
 def _prompt_list(model, prompts: Prompts, what: str = "prompt") -> list[list[int]]:
     """Validate prompts (a [b, s] tensor or lists of ids) and return them as lists."""
     if isinstance(prompts, torch.Tensor):
@@ -74,6 +81,8 @@ def _decode(model, cache: KVCache, logits: torch.Tensor, next_pos: torch.Tensor,
             eos_token_id: Optional[int], do_sample: bool, temperature: float, top_p: float,
             generator: Optional[torch.Generator], banned: Sequence[int] = ()) -> torch.Tensor:
     """Autoregressive tokens [b, n] after the cached prefix; rows that emitted EOS are padded with EOS."""
+    if do_sample:
+        _need_generator(model, generator, "sampling text")
     b = logits.shape[0]
     dev = logits.device
     done = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -149,6 +158,7 @@ def _denoise(model, predict: Callable[[torch.Tensor, int], torch.Tensor], n: int
     """Sample n latents [n, C, H, W]; ``predict(x, t)`` gives eps for x (both CFG halves when guided)."""
     from tqdm import tqdm
 
+    _need_generator(model, generator, "image sampling")
     img = model.cfg.image
     eta = eta_of(sampler, eta)
     schedule = CosineSchedule(num_train_timesteps)
@@ -260,6 +270,8 @@ def generate_interleaved(model, input_ids: Sequence[int], max_new_tokens: int = 
     with <BOI> to place an image there.
     """
     (prompt,) = _prompt_list(model, [list(input_ids)])
+    if do_sample:
+        _need_generator(model, generator, "sampling text")
     cfg = model.cfg
     dev = _device(model)
     cache = KVCache(1)
@@ -268,16 +280,18 @@ def generate_interleaved(model, input_ids: Sequence[int], max_new_tokens: int = 
     while True:
         if out[-1] == cfg.boi_token_id and len(images) < max_images:  # (a prompt may end in <BOI> too)
             start = torch.tensor([pos], device=dev)
-            cache.frozen = True
 
             def predict(x: torch.Tensor, t: int) -> torch.Tensor:
                 tt = torch.full((1,), t, dtype=torch.long, device=dev)
                 return model.forward_cached(_image_batch(model, x.to(dev, model.params_dtype), tt, start), cache,
                                             logits=False)[1]
 
-            latent = _denoise(model, predict, 1, None, num_steps, sampler, eta, num_train_timesteps, generator,
-                              progress)
-            cache.frozen = False
+            cache.frozen = True  # every denoising step attends to the same prefix
+            try:
+                latent = _denoise(model, predict, 1, None, num_steps, sampler, eta, num_train_timesteps, generator,
+                                  progress)
+            finally:
+                cache.frozen = False
             images.append(latent[0])
             t0 = torch.zeros(1, dtype=torch.long, device=dev)  # the finished image enters the context clean
             logits, _ = model.forward_cached(

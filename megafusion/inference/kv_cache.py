@@ -22,7 +22,7 @@ import torch
 
 @dataclass
 class KVCache:
-    batch_size: int
+    batch_size: int  # rows of the sequences it holds (checked against each new batch)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     document_ids: Optional[torch.Tensor] = None  # [b, s_past]
@@ -44,6 +44,8 @@ class KVCache:
 
     def key_ids(self, document_ids: torch.Tensor, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Document/image ids of every key a forward of these new tokens attends to: [b, s_past + s]."""
+        if document_ids.shape[0] != self.batch_size:
+            raise ValueError(f"a KV cache of {self.batch_size} rows was given a batch of {document_ids.shape[0]}")
         if self.document_ids is None:
             return document_ids, image_ids
         return torch.cat([self.document_ids, document_ids], 1), torch.cat([self.image_ids, image_ids], 1)

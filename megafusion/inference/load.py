@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megafusion.parallel.process_groups import ParallelContext
+
+if TYPE_CHECKING:
+    from megafusion.model.llamafusion import LlamaFusion
 
 
 @dataclass
 class Loaded:
-    model: "LlamaFusion"  # noqa: F821
+    model: "LlamaFusion"
     num_train_timesteps: int
     tokenizer_dirs: list[str] = field(default_factory=list)  # where a tokenizer may be, in order
     source: str = ""

@@ -72,7 +72,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def deepspeed_config(cfg: Config, bf16: bool, num_trainable: int) -> dict[str, Any]:
     dp = ps.get_data_parallel_world_size()
-    bucket = max(1, min(cfg.parallel.zero_bucket_elements, num_trainable))
+    bucket = max(2, min(cfg.parallel.zero_bucket_elements, num_trainable))
+    bucket += bucket % 2  # DeepSpeed asserts an even allgather bucket
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": 1,  # accumulation is megatron-core's schedule's

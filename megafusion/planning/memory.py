@@ -9,12 +9,13 @@ What is exact and what is modelled:
     rank's local widths; h is divided by TP only under sequence parallelism). The coefficients
     were fitted to tensors measured by ``TensorMemoryTracker`` on real layers of this code
     (12 shapes, within 11%); they scale with the parameter dtype;
-  * U-Net activations per image are measured by running the configured U-Nets on one image;
+  * U-Net activations are measured by running the configured U-Nets (on 1 and 3 images);
   * pipeline schedules keep ``min(micro-batches, pp)`` micro-batches in flight on the first
     stage (1F1B), or megatron-core's interleaved warm-up count of model chunks; activation
     checkpointing keeps each layer's input plus one layer being recomputed.
-The peak is the static part and the ZeRO bucket plus the larger of the activations (backward
-frees them as it makes gradients) and the gradients with the optimizer step's fp32 partition. ``tests/unit/test_planner.py``
+The peak is the static part and the ZeRO bucket plus activations and gradients (added when a
+step has several micro-batches, since the first backward's gradients stay; otherwise the larger,
+as backward frees activations while it makes gradients), or the optimizer step's needs. ``tests/unit/test_planner.py``
 checks the tiny preset's figure against the peak tensor memory of real CPU training runs.
 """
 
@@ -62,16 +63,22 @@ class StageMemory:
     activations: float
     step_transient: float  # fp32 gradient partition during the optimizer step (bf16 runs)
 
+    grads_during_forward: bool = True  # more than one micro-batch per step: grads of the first stay
+
     @property
     def peak(self) -> float:
-        """Static memory + bucket + the larger of the backward pass's and the optimizer step's needs.
+        """Static memory + bucket + what forward/backward and the optimizer step need on top.
 
-        Backward frees activations layer by layer as it allocates gradients, so the two
-        do not add up (measured: the peak sits where backward starts); the step needs all
-        gradients and, in bf16, their fp32 partition.
+        With several micro-batches per step the gradients made by the first backward live
+        on while later micro-batches keep activations, so both add up. With one micro-batch,
+        backward frees activations layer by layer as it makes gradients, so the larger of
+        the two counts. The step needs all gradients and, in bf16, their fp32 (and averaged
+        bf16) partitions.
         """
         static = self.frozen_weights + self.trainable_weights + self.optimizer
-        return static + self.bucket + max(self.activations, self.gradients + self.step_transient)
+        fwd_bwd = self.activations + self.gradients if self.grads_during_forward else max(self.activations,
+                                                                                           self.gradients)
+        return static + self.bucket + max(fwd_bwd, self.gradients + self.step_transient)
 
 
 def layout_of(cfg: Config, world: int) -> Layout:
@@ -92,11 +99,14 @@ def _unet_params(cfg: Config) -> tuple[int, int]:
     return sum(x.numel() for x in a.parameters()), sum(x.numel() for x in b.parameters())
 
 
-_UNET_ACT: dict[tuple, float] = {}
+_UNET_ACT: dict[tuple, tuple[float, float]] = {}
 
 
-def unet_activation_bytes_fp32(cfg: Config) -> float:
-    """Tensors the U-Nets keep for backward for one image (fp32), measured on a real forward."""
+def unet_activation_bytes_fp32(cfg: Config, images: float) -> float:
+    """Tensors the U-Nets keep for backward for ``images`` images (fp32), measured on real forwards.
+
+    Measured at 1 and 3 images: a fixed part (per call) plus a part per image.
+    """
     from megafusion.model.image_io import build_image_in, build_image_out
     from megafusion.planning.tensor_memory import TensorMemoryTracker
 
@@ -105,16 +115,21 @@ def unet_activation_bytes_fp32(cfg: Config) -> float:
     if key not in _UNET_ACT:
         with torch.random.fork_rng(devices=[]):
             enc, dec = build_image_in(img, m.hidden_size), build_image_out(img, m.hidden_size, m.rms_norm_eps)
-        lat = torch.zeros(1, img.latent_channels, img.latent_size, img.latent_size)
-        t = torch.zeros(1, dtype=torch.long)
-        tracker = TensorMemoryTracker()
-        with tracker:
-            start = tracker.current
-            tokens, skips = enc(lat, t)
-            out = dec(tokens.detach().requires_grad_(True), t, skips)
-            _UNET_ACT[key] = float(tracker.current - start)
-        del out, tokens, skips
-    return _UNET_ACT[key]
+        kept = []
+        for n in (1, 3):
+            lat = torch.zeros(n, img.latent_channels, img.latent_size, img.latent_size)
+            t = torch.zeros(n, dtype=torch.long)
+            tracker = TensorMemoryTracker()
+            with tracker:
+                start = tracker.current
+                tokens, skips = enc(lat, t)
+                pred = dec(tokens.detach().requires_grad_(True), t, skips)
+                kept.append(float(tracker.current - start))  # with pred, tokens, skips still alive
+            del pred, tokens, skips
+        per_image = (kept[1] - kept[0]) / 2
+        _UNET_ACT[key] = (kept[0] - per_image, per_image)
+    fixed, per_image = _UNET_ACT[key]
+    return fixed + per_image * images if images > 0 else 0.0
 
 
 def layer_activation_elements(cfg: Config, lay: Layout, tokens: int) -> float:
@@ -161,7 +176,7 @@ def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction:
     per_layer = layer_activation_elements(cfg, lay, tokens) * 4 * scale
     h_local = h / (t if lay.sequence_parallel else 1)
     layers_per_chunk = m.num_layers / (pp * lay.vpp)
-    unet_act = unet_activation_bytes_fp32(cfg) * scale * images
+    unet_act = unet_activation_bytes_fp32(cfg, images) * scale
     kinds = ["first", "last"] if pp > 1 else ["only"]
     if pp > 2:
         kinds.insert(1, "middle")
@@ -179,7 +194,7 @@ def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction:
         if first or last:
             act += micro_in_flight * unet_act
         if last:
-            act += tokens * (vpad / t) * 4 * 2  # fp32 logits and their gradient
+            act += tokens * (1 - image_fraction) * (vpad / t) * 4 * 2  # fp32 logits of text tokens + their grad
         frozen = layers * tower + (vpad * h / t if first else 0) + ((vpad * h / t + h) if last else 0)
         trainable = layers * tower + (2 * h + unet_in if first else 0) + (unet_out if last else 0)
         replica = unet_in if (last and not first and m.image.io == "unet") else 0
@@ -192,7 +207,8 @@ def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction:
             optimizer=3 * 4 * trainable / lay.dp,
             bucket=min(cfg.parallel.zero_bucket_elements, trainable) * dtype_bytes,
             activations=act,
-            step_transient=4 * trainable / lay.dp if dtype_bytes != 4 else 0.0,
+            step_transient=(4 + dtype_bytes) * trainable / lay.dp if dtype_bytes != 4 else 0.0,
+            grads_during_forward=num_micro > 1,
         ))
     return out
 

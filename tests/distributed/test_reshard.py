@@ -58,18 +58,26 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,vpp,world", [(1, 1, 1, 1), (2, 1, 1, 2), (1, 2, 1, 2), (1, 2, 2, 2), (1, 1, 1, 2)],
-                         ids=["tp1pp1", "tp2pp1", "tp1pp2", "tp1pp2vpp2", "tp1dp2"])
-def test_resharded_resume_continues_the_trajectory(trained, tp, pp, vpp, world):
+@pytest.mark.parametrize("tp,pp,vpp,world,via", [(1, 1, 1, 1, None), (2, 1, 1, 2, (1, 2)), (1, 2, 1, 2, None),
+                                                  (1, 2, 2, 2, None), (1, 1, 1, 2, None)],
+                         ids=["tp1pp1", "tp2pp1-via-tp1pp2", "tp1pp2", "tp1pp2vpp2", "tp1dp2"])
+def test_resharded_resume_continues_the_trajectory(trained, tp, pp, vpp, world, via):
     hf, ckpt, ref, tmp = trained
     dp = world // (tp * pp)
     out = tmp / f"out_{tp}_{pp}_{vpp}_{world}"
+    if via:  # reshard a resharded checkpoint (per-parameter optimizer state as input)
+        mid = tmp / f"mid_{via[0]}_{via[1]}"
+        r = _tool("tools/reshard_checkpoint.py", "--in", str(ckpt), "--out", str(mid), "--tp", str(via[0]), "--pp",
+                  str(via[1]), "--no-progress")
+        assert r.returncode == 0, r.stderr[-3000:]
+        ckpt = mid
     r = _tool("tools/reshard_checkpoint.py", "--in", str(ckpt), "--out", str(out), "--tp", str(tp), "--pp", str(pp),
               "--vpp", str(vpp), "--dp", str(dp), "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[reshard]" in r.stdout
     meta = json.loads((out / "meta.json").read_text())
     assert meta["layout"] == {"tp": tp, "pp": pp, "vpp": vpp, "dp": dp} and meta["step"] == CUT
+    assert meta["resharded_from"]["tp"] == (via[0] if via else 2)
     overrides = [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}", f"checkpoint.load={out}"]
     if vpp > 1:
         overrides.append(f"parallel.virtual_pipeline_stages={vpp}")

@@ -71,7 +71,7 @@ def test_preempted_job_saves_requeues_and_resumes(cluster, tmp_path):
         assert time.time() < deadline, _log(tmp_path)[-3000:]
         assert slurm_cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), _log(tmp_path)[-3000:]
         time.sleep(0.5)
-    # what --signal=B:USR1@120 delivers before the time limit
+    # what --signal=B:USR1@600 delivers before the time limit
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=60)
     deadline = time.time() + 120
     while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", job], capture_output=True,

@@ -23,5 +23,5 @@ def test_slurm_scripts_are_valid_bash_with_the_documented_directives():
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
         directives = [ln.split(None, 1)[1] for ln in path.read_text().splitlines() if ln.startswith("#SBATCH")]
         assert f"--nodes={nodes}" in directives and "--requeue" in directives
-        assert "--signal=B:USR1@120" in directives and "--gres=gpu:8" in directives
+        assert "--signal=B:USR1@600" in directives and "--gres=gpu:8" in directives
     assert subprocess.run(["bash", "-n", str(ROOT / "cluster" / "train_common.sh")]).returncode == 0
