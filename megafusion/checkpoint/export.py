@@ -30,11 +30,8 @@ CONFIG_FILE = "megafusion_config.json"
 _HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
-def read_checkpoint_image_side(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict, Path]:
-    """A training checkpoint's image side as full tensors, with its config, meta.json and base Llama dir.
-
-    Every model shard is verified against index.json; the base Llama must be the one recorded.
-    """
+def open_checkpoint(ckpt_dir: str | Path) -> tuple[Config, dict, dict, Path]:
+    """(config, meta.json, index.json, base Llama dir) of a training checkpoint, the base Llama checked."""
     ckpt = Path(ckpt_dir)
     meta_path = ckpt / "meta.json"
     if not meta_path.is_file():
@@ -50,7 +47,16 @@ def read_checkpoint_image_side(ckpt_dir: str | Path) -> tuple[dict[str, torch.Te
         raise CheckpointError(f"{ckpt}: the base Llama {hf_dir} it was trained from is not available")
     if frozen_source_fingerprint(hf_dir)["files"] != src.get("files"):
         raise CheckpointError(f"{hf_dir} differs from the base Llama recorded in {meta_path}")
+    return cfg, meta, index, hf_dir
 
+
+def read_checkpoint_image_side(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict, Path]:
+    """A training checkpoint's image side as full tensors, with its config, meta.json and base Llama dir.
+
+    Every model shard is verified against index.json; the base Llama must be the one recorded.
+    """
+    ckpt = Path(ckpt_dir)
+    cfg, meta, index, hf_dir = open_checkpoint(ckpt)
     shards: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     for rel in sorted(k for k in index if k.startswith("model/")):
         verify_file(ckpt, rel, index)

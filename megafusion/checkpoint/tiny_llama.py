@@ -12,6 +12,24 @@ from megafusion.config.schema import ModelConfig
 MAX_RANDOM_PARAMS = 50_000_000
 
 
+def hf_llama_config(cfg: ModelConfig, **extra):
+    """The transformers LlamaConfig with ``cfg``'s dimensions and RoPE scaling."""
+    from transformers import LlamaConfig
+
+    rs = cfg.rope_scaling
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if rs.rope_type == "llama3":
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": rs.factor,
+                "low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
+                "original_max_position_embeddings": rs.original_max_position_embeddings}
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_word_embeddings, **extra,
+    )
+
+
 def write_random_hf_llama(cfg: ModelConfig, path: str | Path, seed: int = 0,
                           max_params: Optional[int] = MAX_RANDOM_PARAMS) -> Path:
     """Save a random LlamaForCausalLM with cfg's dimensions (safetensors) to ``path`` unless one is there.
@@ -19,7 +37,7 @@ def write_random_hf_llama(cfg: ModelConfig, path: str | Path, seed: int = 0,
     ``max_params`` guards against building a preset-sized random model by mistake
     (benchmarks raise it; None = no limit).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     path = Path(path)
     if (path / "config.json").is_file():
@@ -30,18 +48,7 @@ def write_random_hf_llama(cfg: ModelConfig, path: str | Path, seed: int = 0,
             f"refusing to build a random {approx / 1e9:.1f}B-parameter Llama: set checkpoint.hf_llama to a "
             "real Hugging Face Llama directory for this preset"
         )
-    rs = cfg.rope_scaling
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if rs.rope_type == "llama3":
-        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": rs.factor,
-                "low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
-                "original_max_position_embeddings": rs.original_max_position_embeddings}
-    hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_word_embeddings,
-    )
+    hf_cfg = hf_llama_config(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(hf_cfg)

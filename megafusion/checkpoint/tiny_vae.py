@@ -9,22 +9,14 @@ import torch
 
 def write_random_vae(path: str | Path, downsample: int = 4, latent_channels: int = 4, seed: int = 0) -> Path:
     """Save a random-weight AutoencoderKL whose spatial factor is ``downsample`` (a power of two)."""
-    from diffusers import AutoencoderKL
+    from megafusion.training.vae_training import build_vae
 
     path = Path(path)
     if (path / "config.json").is_file():
         return path
-    levels = downsample.bit_length()  # 4 -> 3 blocks (two downsamplings)
-    if 2 ** (levels - 1) != downsample:
-        raise ValueError(f"downsample={downsample} must be a power of two")
-    chans = tuple([32] + [64] * (levels - 1))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=chans,
-            latent_channels=latent_channels, layers_per_block=1, norm_num_groups=32, sample_size=64,
-        )
+        vae = build_vae(downsample, latent_channels)
     tmp = path.with_name(path.name + ".tmp")
     vae.save_pretrained(tmp)
     tmp.rename(path)

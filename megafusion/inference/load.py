@@ -24,7 +24,7 @@ class Loaded:
 def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None) -> Loaded:
     """``path``: a ``tools/export_hf.py`` directory, a checkpoint folder, or a save dir with ``latest``."""
     from megafusion import LlamaFusion
-    from megafusion.checkpoint.export import CONFIG_FILE, load_image_side, read_checkpoint_image_side
+    from megafusion.checkpoint.export import CONFIG_FILE, load_image_side, open_checkpoint, read_checkpoint_image_side
     from megafusion.checkpoint.hf_import import load_hf_llama
     from megafusion.training.checkpointing import latest_checkpoint
 
@@ -40,10 +40,39 @@ def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None)
                              "checkpoint or a tools/export_hf.py directory")
         raise FileNotFoundError(f"{path}: neither an exported model ({CONFIG_FILE}) nor a megafusion checkpoint "
                                 "(meta.json or a `latest` pointer)")
-    full, cfg, meta, hf_dir = read_checkpoint_image_side(ckpt)
+    cfg, meta, index, hf_dir = open_checkpoint(ckpt)
     model = LlamaFusion(cfg.model, pctx, seed=cfg.seed)
     load_hf_llama(model, str(hf_dir))
-    load_image_side(model, full)
+    lay = meta["layout"]
+    if lay.get("pp", 1) == 1 and lay.get("vpp", 1) == 1 and lay["tp"] == model.pctx.tp_size:
+        _load_own_shard(model, ckpt, index)  # this rank's file only: no full copy of the image side
+    else:  # another layout: every rank assembles the full image side once (reshard first for big models)
+        full, _, _, _ = read_checkpoint_image_side(ckpt)
+        load_image_side(model, full)
     model.freeze_text_tower()
     dirs = [d for d in (cfg.data.tokenizer, str(hf_dir)) if d]
     return Loaded(model.eval(), cfg.diffusion.num_timesteps, dirs, f"checkpoint {ckpt} (step {meta['step']})")
+
+
+def _load_own_shard(model, ckpt: Path, index: dict) -> None:
+    """Copy ``model/tp{rank}_pp0.safetensors`` into the model (checkpoint saved at this TP, PP=1)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from megafusion.checkpoint.gather import canonical_name
+    from megafusion.model.llamafusion import is_text_tower_param
+    from megafusion.training.checkpointing import CheckpointError, verify_file
+
+    rel = f"model/tp{model.pctx.tp_rank}_pp0.safetensors"
+    verify_file(ckpt, rel, index)
+    saved = {canonical_name(k): v for k, v in load_file(str(ckpt / rel)).items() if canonical_name(k)}
+    params = {n: p for n, p in model.named_parameters() if not is_text_tower_param(n)}
+    if set(saved) != set(params):
+        raise CheckpointError(f"{ckpt / rel}: image-side parameters differ from the model's, e.g. "
+                              f"{sorted(set(saved) ^ set(params))[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(saved[name].shape) != tuple(p.shape):
+                raise CheckpointError(f"{ckpt / rel}: {name} has shape {tuple(saved[name].shape)}, "
+                                      f"model {tuple(p.shape)}")
+            p.copy_(saved[name].to(dtype=p.dtype, device=p.device))
