@@ -32,6 +32,24 @@ def caption_for(color: str, shape: str, position: str) -> str:
     return f"a {color} {shape} at the {position}" if position != "center" else f"a {color} {shape} in the center"
 
 
+def parse_caption(text: str) -> dict[str, str]:
+    """Colour, shape and position named in a caption ("none" where it names none, or several).
+
+    The inverse of :func:`caption_for` on well-formed captions, and a fair reader of
+    generated ones: each attribute counts only if exactly one value of it is named.
+    """
+    words = text.lower().replace(".", " ").split()
+    joined = " ".join(words)
+
+    def one(options) -> str:
+        found = [o for o in options if f" {o} " in f" {joined} "]
+        if len(found) > 1:  # "top left" also contains no other option; "center" vs corners are disjoint
+            found = [o for o in found if not any(o != f and o in f for f in found)]
+        return found[0] if len(found) == 1 else "none"
+
+    return {"color": one(COLORS), "shape": one(SHAPES), "position": one(POSITIONS)}
+
+
 def draw_shape(color: str, shape: str, position: str, size: int = 64, jitter: float = 0.0,
                rng: random.Random | None = None) -> Image.Image:
     """One RGB image of ``size`` x ``size`` pixels."""

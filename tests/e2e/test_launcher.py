@@ -69,11 +69,12 @@ def test_torchrun_tp2_sp_training_run(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
-    """What `make demo` runs, shortened: dataset -> VAE/tokenizer -> Ray latents -> TP=2 training."""
+    """What `make demo` runs, shortened: dataset -> VAE, base Llama -> convert -> Ray latents -> TP=2 training -> samples."""
     r = _run([sys.executable, "-m", "launcher.demo", "--run-dir", str(tmp_path / "demo"), "--samples", "200",
-              "--steps", "3"], timeout=600)
+              "--steps", "3", "--vae-steps", "20", "--lm-steps", "20", "--eval-samples", "4"], timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "[demo] stage times: dataset" in r.stdout and "step      3/3" in r.stdout
+    assert "converted_tp at step 0" in r.stdout  # training starts from the converted base Llama
     summary = yaml.safe_load((tmp_path / "demo" / "data" / "latents" / "summary.json").read_text())
     assert summary["out"] == 200
     assert (tmp_path / "demo" / "train" / "checkpoints" / "latest").is_file()
@@ -82,9 +83,15 @@ def test_demo_runs_every_stage(tmp_path):
     rec2 = json.loads((run / "samples" / "samples.json").read_text())
     assert len(rec2["images"]) == 4 and len(rec2["captions"]) == 4 and len(rec2["text"]) == 1
     assert (run / "samples" / "images.png").is_file() and (run / "samples" / "captions.png").is_file()
+    # stage 7: scores and the report; the frozen text tower keeps the base Llama's perplexity exactly
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    assert metrics["generation"]["n"] == 4 and metrics["understanding"]["n"] == 4
+    lang = metrics["language"]
+    assert lang["trained_perplexity"] == pytest.approx(lang["base_perplexity"], rel=1e-9)
+    assert "## Generation" in (run / "report" / "report.md").read_text() and (run / "report" / "loss.png").is_file()
     from launcher.demo import _sample_cmd
 
-    args = argparse.Namespace(nproc=1, sample_steps=25)
+    args = argparse.Namespace(nproc=1, sample_steps=25, eval_samples=4)
     cmd = _sample_cmd(run, run / "vae", run / "tokenizer", args)
     cmd[cmd.index("--out") + 1] = str(run / "samples_tp1")
     r = _run(cmd, timeout=300)

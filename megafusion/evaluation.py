@@ -1,0 +1,64 @@
+"""Automatic scores of the bundled pipeline, from pixels and text only (no model inside the checker).
+
+* generation: a generated image is read with ``shapes.read_attributes`` and compared
+  with the attributes its prompt names (``shapes.parse_caption``);
+* understanding: a generated caption is parsed and compared with the image's true attributes;
+* language: perplexity on held-out text, of the base HF Llama and of the trained model's
+  text path (``LlamaFusion.text_logits``): equal for LlamaFusion, whose text tower is frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from megafusion.data.shapes import parse_caption, read_attributes
+
+ATTRS = ("color", "shape", "position")
+
+
+def _shares(pairs: Iterable[tuple[dict, dict]]) -> dict[str, float]:
+    pairs = list(pairs)
+    if not pairs:
+        return {}
+    out = {k: sum(got[k] == want[k] for got, want in pairs) / len(pairs) for k in ATTRS}
+    out["all"] = sum(all(got[k] == want[k] for k in ATTRS) for got, want in pairs) / len(pairs)
+    out["n"] = len(pairs)
+    return out
+
+
+def generation_scores(samples_dir: str | Path) -> dict[str, float]:
+    """Shares of tools/sample.py images whose colour / shape / position match their prompt."""
+    from PIL import Image
+
+    d = Path(samples_dir)
+    rec = json.loads((d / "samples.json").read_text())
+    pairs = [(read_attributes(Image.open(d / f"image_{r['index']:03d}.png")), parse_caption(r["prompt"]))
+             for r in rec["images"]]
+    return _shares(pairs)
+
+
+def caption_scores(samples_dir: str | Path, truth: dict[str, dict]) -> dict[str, float]:
+    """Shares of tools/sample.py captions naming the right colour / shape / position (truth: image path -> attrs)."""
+    rec = json.loads((Path(samples_dir) / "samples.json").read_text())
+    missing = [r["image"] for r in rec["captions"] if r["image"] not in truth]
+    if missing:
+        raise ValueError(f"no true attributes for {missing[:3]} in the truth file")
+    return _shares((parse_caption(r["caption"]), truth[r["image"]]) for r in rec["captions"])
+
+
+@torch.no_grad()
+def fusion_perplexity(model, tokenizer, texts: list[str]) -> float:
+    """Perplexity of a LlamaFusion's text path (text-only input) on texts, each <s> text </s>."""
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
+                             tokenizer.eos_token_id]])
+        logits = model.text_logits(ids)[0, :-1].double()
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return math.exp(nll / count)

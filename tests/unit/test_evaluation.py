@@ -1,0 +1,82 @@
+"""tools/evaluate.py's scores on hand-made samples whose right answers are known."""
+
+import json
+
+import pytest
+
+from megafusion.data.shapes import COLORS, POSITIONS, SHAPES, caption_for, draw_shape, parse_caption
+
+
+def test_parse_caption_inverts_caption_for_and_refuses_ambiguity():
+    for c in COLORS:
+        for s in SHAPES:
+            for p in POSITIONS:
+                assert parse_caption(caption_for(c, s, p)) == {"color": c, "shape": s, "position": p}
+    assert parse_caption("a red blue square") == {"color": "none", "shape": "square", "position": "none"}
+    assert parse_caption("") == {"color": "none", "shape": "none", "position": "none"}
+
+
+def _samples(tmp_path, drawn, captions):
+    """A tools/sample.py-style folder: prompts with images drawn as `drawn` says, and captions."""
+    images = []
+    for i, (prompt, attrs) in enumerate(drawn):
+        draw_shape(attrs["color"], attrs["shape"], attrs["position"], size=32).save(tmp_path / f"image_{i:03d}.png")
+        images.append({"prompt": prompt, "index": i})
+    rec = {"images": images, "captions": [{"image": k, "caption": v} for k, v in captions.items()], "text": []}
+    (tmp_path / "samples.json").write_text(json.dumps(rec))
+
+
+def test_scores_count_exactly_the_matching_attributes(tmp_path):
+    from megafusion.evaluation import caption_scores, generation_scores
+
+    a = {"color": "red", "shape": "circle", "position": "top left"}
+    b = {"color": "blue", "shape": "square", "position": "center"}
+    wrong_colour = dict(a, color="green")
+    wrong_all = {"color": "yellow", "shape": "triangle", "position": "bottom right"}
+    drawn = [(caption_for(**a), a), (caption_for(**b), b), (caption_for(**a), wrong_colour),
+             (caption_for(**b), wrong_all)]
+    captions = {"x.png": caption_for(**a), "y.png": "a blue circle in the center", "z.png": "nonsense"}
+    _samples(tmp_path, drawn, captions)
+    g = generation_scores(tmp_path)
+    assert g == {"color": 0.5, "shape": 0.75, "position": 0.75, "all": 0.5, "n": 4}
+    u = caption_scores(tmp_path, {"x.png": a, "y.png": b, "z.png": b})
+    assert u["color"] == pytest.approx(2 / 3) and u["shape"] == pytest.approx(1 / 3)
+    assert u["position"] == pytest.approx(2 / 3) and u["all"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="no true attributes"):
+        caption_scores(tmp_path, {"x.png": a})
+
+
+def test_fusion_text_perplexity_equals_the_base_llamas(tmp_path):
+    from megafusion import LlamaFusion
+    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
+    from megafusion.config import load_config
+    from megafusion.data.tiny_tokenizer import write_word_tokenizer
+    from megafusion.evaluation import fusion_perplexity
+    from megafusion.training.base_lm import perplexity, text_corpus
+
+    cfg = load_config("tiny")
+    hf = write_random_hf_llama(cfg.model, tmp_path / "hf", seed=3)
+    tok_dir = write_word_tokenizer(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    texts = text_corpus(20, seed=5)
+    model = LlamaFusion.from_hf_llama(str(hf), image=cfg.model.image, boi_token_id=510, eoi_token_id=511)
+    assert fusion_perplexity(model, tok, texts) == pytest.approx(perplexity(hf, tok_dir, texts), rel=1e-6)
+
+
+def test_report_has_the_scores_and_a_loss_plot(tmp_path):
+    from PIL import Image
+
+    from megafusion.report import write_report
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "metrics.jsonl").write_text("\n".join(
+        json.dumps({"step": s, "loss": 3.0 / s, "lm_loss": 2.0 / s, "diffusion_loss": 1.0 / s}) for s in range(1, 9)))
+    metrics = {"generation": {"color": 0.9, "shape": 0.6, "position": 0.8, "all": 0.5, "n": 20},
+               "language": {"base_perplexity": 2.5, "trained_perplexity": 2.5}}
+    rep = write_report(tmp_path, metrics, {"train": 12.0})
+    text = rep.read_text()
+    assert "| 0.900 | 0.600 | 0.800 | 0.500 | 20 |" in text and "2.500000" in text
+    assert Image.open(tmp_path / "report" / "loss.png").size == (640, 360)
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["stage_seconds"] == {"train": 12.0}
