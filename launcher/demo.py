@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         "--vae", str(vae), "--resolution", str(img.image_size), "--batch-size", "64", "--num-workers", "2"])
     train = [f"data.path={latents}/latents-*.tar", f"data.tokenizer={tok}", f"logging.run_dir={run}/train",
              f"optim.train_steps={args.steps}", f"parallel.tensor_parallel={args.nproc}", "data.num_workers=1",
-             f"checkpoint.hf_llama={base}", f"checkpoint.load={conv}"]
+             f"checkpoint.hf_llama={base}", f"checkpoint.load={conv}",
+             "diffusion.prediction=v"]  # v learns caption conditioning far sooner than eps here (see README)
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "launcher.train", "--config", "tiny", *train]

@@ -150,7 +150,8 @@ def main(argv=None) -> int:
             ids = [[bos] + tok(p, add_special_tokens=False)["input_ids"] for p in chunk]
             lat = generate_images(model, ids, num_steps=args.steps, sampler=args.sampler,
                                   guidance_scale=args.guidance if args.guidance > 0 else None, generator=g,
-                                  num_train_timesteps=loaded.num_train_timesteps, progress=rank0)
+                                  num_train_timesteps=loaded.num_train_timesteps, progress=rank0,
+                                  prediction=loaded.prediction)
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             with torch.no_grad():
                 pix = vae.decode((lat / vae.config.scaling_factor + shift).to(dev, vae.dtype)).sample.float().cpu()

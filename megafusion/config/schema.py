@@ -190,7 +190,7 @@ class DiffusionConfig:
     schedule: str = "cosine"
     """Noise schedule ('cosine')."""
     prediction: str = "epsilon"
-    """Target of the U-Net up-sampler ('epsilon')."""
+    """Target of the U-Net up-sampler: 'epsilon' (Transfusion) or 'v' (velocity)."""
     loss_weight: float = 5.0
     """lambda in loss = lm + lambda * diffusion MSE (Transfusion: 5)."""
     caption_dropout: float = 0.1

@@ -170,8 +170,8 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         errs.append(f"model.boi_token_id and model.eoi_token_id are both {m.boi_token_id}")
     if cfg.diffusion.schedule != "cosine":
         errs.append(f"diffusion.schedule={cfg.diffusion.schedule!r}: only 'cosine' is implemented")
-    if cfg.diffusion.prediction != "epsilon":
-        errs.append(f"diffusion.prediction={cfg.diffusion.prediction!r}: only 'epsilon' is implemented")
+    if cfg.diffusion.prediction not in ("epsilon", "v"):
+        errs.append(f"diffusion.prediction={cfg.diffusion.prediction!r} must be 'epsilon' or 'v'")
     if cfg.optim.clip_grad <= 0:
         errs.append(
             f"optim.clip_grad={cfg.optim.clip_grad} must be > 0 (the global grad norm also detects non-finite steps)"

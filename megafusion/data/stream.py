@@ -32,7 +32,7 @@ def item_seed(cfg: Config, step: int, index: int) -> int:
 @dataclass
 class TrainItem:
     batch: FusionBatch  # latents are noised: x_t
-    noise: torch.Tensor  # [n_img, C, H, W] epsilon target
+    noise: torch.Tensor  # [n_img, C, H, W] the diffusion target: epsilon, or v (diffusion.prediction)
 
 
 class SyntheticStream:
@@ -50,7 +50,8 @@ class SyntheticStream:
         g = torch.Generator().manual_seed(seed + 17)
         noise = torch.randn(clean.latents.shape, generator=g)
         noisy = self.schedule.add_noise(clean.latents, noise, clean.timesteps)
-        return TrainItem(replace(clean, latents=noisy).to(self.device), noise.to(self.device))
+        target = self.schedule.target(clean.latents, noise, clean.timesteps, self.cfg.diffusion.prediction)
+        return TrainItem(replace(clean, latents=noisy).to(self.device), target.to(self.device))
 
     def iterator(self, step: int, num_micro: int):
         return iter([self.item(step, m) for m in range(num_micro)])
@@ -87,4 +88,5 @@ class LoaderStream:
         t = torch.randint(0, self.cfg.diffusion.num_timesteps, (n,), generator=g)
         noise = torch.randn(clean.latents.shape, generator=g)
         noisy = self.schedule.add_noise(clean.latents, noise, t)
-        return TrainItem(replace(clean, latents=noisy, timesteps=t).to(self.device), noise.to(self.device))
+        target = self.schedule.target(clean.latents, noise, t, self.cfg.diffusion.prediction)
+        return TrainItem(replace(clean, latents=noisy, timesteps=t).to(self.device), target.to(self.device))

@@ -154,8 +154,8 @@ def _image_batch(model, latents: torch.Tensor, t: torch.Tensor, start: torch.Ten
 
 def _denoise(model, predict: Callable[[torch.Tensor, int], torch.Tensor], n: int, guidance_scale: Optional[float],
              num_steps: int, sampler: str, eta: Optional[float], num_train_timesteps: int,
-             generator: Optional[torch.Generator], progress: bool) -> torch.Tensor:
-    """Sample n latents [n, C, H, W]; ``predict(x, t)`` gives eps for x (both CFG halves when guided)."""
+             generator: Optional[torch.Generator], progress: bool, prediction: str = "epsilon") -> torch.Tensor:
+    """Sample n latents [n, C, H, W]; ``predict(x, t)`` gives eps or v for x (both CFG halves when guided)."""
     from tqdm import tqdm
 
     _need_generator(model, generator, "image sampling")
@@ -170,7 +170,7 @@ def _denoise(model, predict: Callable[[torch.Tensor, int], torch.Tensor], n: int
         if guidance_scale is not None:
             cond, uncond = eps.chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)
-        x = step(schedule, x, eps, t, ts[i + 1] if i + 1 < len(ts) else -1, eta, generator)
+        x = step(schedule, x, eps, t, ts[i + 1] if i + 1 < len(ts) else -1, eta, generator, prediction=prediction)
     return x
 
 
@@ -178,13 +178,14 @@ def _denoise(model, predict: Callable[[torch.Tensor, int], torch.Tensor], n: int
 def generate_images(model, prompts: Prompts, num_steps: int = 50, sampler: str = "ddim", eta: Optional[float] = None,
                     guidance_scale: Optional[float] = None, uncond_prompt: Optional[Sequence[int]] = None,
                     generator: Optional[torch.Generator] = None, use_cache: bool = True,
-                    num_train_timesteps: int = 1000, progress: bool = False) -> torch.Tensor:
+                    num_train_timesteps: int = 1000, progress: bool = False, prediction: str = "epsilon") -> torch.Tensor:
     """Caption ids (each starting with <s>, as in training) -> sampled latents [n, C, H, W] (float32, CPU).
 
     ``guidance_scale`` None samples unguided; a number runs classifier-free guidance with
     the unconditional rows (``uncond_prompt``, default each prompt's first token, the
     <s> of a dropped caption) in the same batch. ``use_cache=False`` recomputes the whole
-    sequence at every step (the reference the cache is tested against).
+    sequence at every step (the reference the cache is tested against). ``prediction`` is the
+    model's training target (``diffusion.prediction``: 'epsilon' or 'v').
     """
     rows = _prompt_list(model, prompts)
     n = len(rows)
@@ -216,7 +217,7 @@ def generate_images(model, prompts: Prompts, num_steps: int = 50, sampler: str =
             )
             return model(whole, check=False).image_pred
     return _denoise(model, predict, n, guidance_scale, num_steps, sampler, eta, num_train_timesteps, generator,
-                    progress)
+                    progress, prediction)
 
 
 def _check_latents(model, latents: torch.Tensor) -> None:
@@ -259,7 +260,7 @@ def generate_interleaved(model, input_ids: Sequence[int], max_new_tokens: int = 
                          eos_token_id: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
                          top_p: float = 1.0, num_steps: int = 50, sampler: str = "ddim", eta: Optional[float] = None,
                          num_train_timesteps: int = 1000, generator: Optional[torch.Generator] = None,
-                         progress: bool = False) -> tuple[list[int], list[torch.Tensor]]:
+                         progress: bool = False, prediction: str = "epsilon") -> tuple[list[int], list[torch.Tensor]]:
     """One prompt -> (ids, images): text until the model emits <BOI>, an image sampled in place
     (attending to everything before it), <EOI>, then text again; at most ``max_images``
     images (after that <BOI> is never drawn). Unguided. The ids hold <BOI>/<EOI> where
@@ -289,7 +290,7 @@ def generate_interleaved(model, input_ids: Sequence[int], max_new_tokens: int = 
             cache.frozen = True  # every denoising step attends to the same prefix
             try:
                 latent = _denoise(model, predict, 1, None, num_steps, sampler, eta, num_train_timesteps, generator,
-                                  progress)
+                                  progress, prediction)
             finally:
                 cache.frozen = False
             images.append(latent[0])

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 class Loaded:
     model: "LlamaFusion"
     num_train_timesteps: int
+    prediction: str  # diffusion.prediction the model was trained with
     tokenizer_dirs: list[str] = field(default_factory=list)  # where a tokenizer may be, in order
     source: str = ""
 
@@ -32,7 +33,8 @@ def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None)
     if (path / CONFIG_FILE).is_file():
         model = LlamaFusion.from_pretrained(str(path), pctx=pctx)
         diffusion = json.loads((path / CONFIG_FILE).read_text()).get("diffusion", {})
-        return Loaded(model.eval(), int(diffusion.get("num_timesteps", 1000)), [str(path)], f"exported {path}")
+        return Loaded(model.eval(), int(diffusion.get("num_timesteps", 1000)), diffusion.get("prediction", "epsilon"),
+                      [str(path)], f"exported {path}")
     ckpt = path if (path / "meta.json").is_file() else latest_checkpoint(path) if (path / "latest").is_file() else None
     if ckpt is None:
         if (path / "config.json").is_file():
@@ -51,7 +53,8 @@ def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None)
         load_image_side(model, full)
     model.freeze_text_tower()
     dirs = [d for d in (cfg.data.tokenizer, str(hf_dir)) if d]
-    return Loaded(model.eval(), cfg.diffusion.num_timesteps, dirs, f"checkpoint {ckpt} (step {meta['step']})")
+    return Loaded(model.eval(), cfg.diffusion.num_timesteps, cfg.diffusion.prediction, dirs,
+                  f"checkpoint {ckpt} (step {meta['step']})")
 
 
 def _load_own_shard(model, ckpt: Path, index: dict) -> None:

@@ -1,4 +1,4 @@
-"""DDIM / DDPM sampling steps on the cosine schedule the model trains with (epsilon prediction).
+"""DDIM / DDPM sampling steps on the cosine schedule the model trains with (epsilon or v prediction).
 
 One update rule covers both (Song et al. 2021, eq. 12): with a_t = alpha_bar(t) and
 a_p = alpha_bar of the next (smaller) timestep,
@@ -41,9 +41,10 @@ def per_image_noise(shape: torch.Size | tuple[int, ...], generator: Optional[tor
     return torch.stack([torch.randn(tuple(shape[1:]), generator=generator) for _ in range(shape[0])])
 
 
-def step(schedule: CosineSchedule, x: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, eta: float,
-         generator: Optional[torch.Generator] = None, clip_x0: Optional[float] = 4.0) -> torch.Tensor:
-    """One update from timestep ``t`` to ``t_prev`` (-1 = the clean sample).
+def step(schedule: CosineSchedule, x: torch.Tensor, pred: torch.Tensor, t: int, t_prev: int, eta: float,
+         generator: Optional[torch.Generator] = None, clip_x0: Optional[float] = 4.0,
+         prediction: str = "epsilon") -> torch.Tensor:
+    """One update from timestep ``t`` to ``t_prev`` (-1 = the clean sample); ``pred`` is eps or v.
 
     ``clip_x0`` clamps the predicted clean latent: at the first steps of the cosine
     schedule sqrt(alpha_bar) is ~5e-5, so x0 from an imperfect eps is amplified
@@ -52,7 +53,14 @@ def step(schedule: CosineSchedule, x: torch.Tensor, eps: torch.Tensor, t: int, t
     ac = schedule.alphas_cumprod
     a_t = float(ac[t])
     a_p = float(ac[t_prev]) if t_prev >= 0 else 1.0
-    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    if prediction == "v":  # v = sqrt(a) eps - sqrt(1-a) x0
+        x0 = a_t**0.5 * x - (1 - a_t) ** 0.5 * pred
+        eps = (1 - a_t) ** 0.5 * x + a_t**0.5 * pred
+    elif prediction == "epsilon":
+        eps = pred
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    else:
+        raise ValueError(f"prediction={prediction!r} must be 'epsilon' or 'v'")
     if clip_x0 is not None:
         x0 = x0.clamp(-clip_x0, clip_x0)
     sigma = eta * ((1 - a_p) / (1 - a_t)) ** 0.5 * (1 - a_t / a_p) ** 0.5 if t_prev >= 0 else 0.0
