@@ -260,8 +260,8 @@ class _Source:
         starts = [0, *cut.tolist()]
         ends = [*starts[1:], order.numel()]
         table = {t: self._pieces(canon, t, state) for t in ranks}
-        first_rank, first_idx, last_idx = src_rank[starts].tolist(), idx[starts].tolist(), idx[[e - 1 for e in ends]].tolist()
-        for t, i0, i1 in zip(first_rank, first_idx, last_idx):
+        last = [e - 1 for e in ends]
+        for t, i0, i1 in zip(src_rank[starts].tolist(), idx[starts].tolist(), idx[last].tolist()):
             lo, hi = i0 * u, (i1 + 1) * u  # elements [lo, hi) of rank t's flat shard
             pieces, itemsize = table[t]
             for f, off, s_, e in pieces:  # usually one piece; more where ZeRO partitions split it
