@@ -35,6 +35,13 @@ def _stage(name: str, cmd: list[str]) -> float:
     return time.time() - t0
 
 
+def _launch(nproc: int) -> list[str]:
+    """The interpreter prefix: torchrun with ``nproc`` gloo processes, or plain python for one."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [sys.executable]
+
+
 def held_out(run: Path, n: int, seed: int = 777) -> tuple[list[str], list[str]]:
     """n prompts and n freshly drawn images (seeds the dataset does not use); writes held_out/truth.json."""
     from megafusion.data.shapes import COLORS, POSITIONS, SHAPES, caption_for, draw_shape
@@ -57,9 +64,7 @@ def held_out(run: Path, n: int, seed: int = 777) -> tuple[list[str], list[str]]:
 def _sample_cmd(run: Path, vae: Path, tok: Path, args) -> list[str]:
     """tools/sample.py on the last checkpoint: images from prompts, captions of fresh images, a text."""
     prompts, images = held_out(run, args.eval_samples)
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
-              if args.nproc > 1 else [sys.executable])
-    return [*launch, "tools/sample.py", "--tp", str(args.nproc), "--checkpoint", str(run / "train" / "checkpoints"),
+    return [*_launch(args.nproc), "tools/sample.py", "--tp", str(args.nproc), "--checkpoint", str(run / "train" / "checkpoints"),
             "--vae", str(vae), "--tokenizer", str(tok), "--out", str(run / "samples"), "--steps",
             str(args.sample_steps), "--prompts", *prompts, "--images", *images, "--text", "a red",
             "--max-new-tokens", "8"]
@@ -108,12 +113,7 @@ def main(argv=None) -> int:
              f"optim.train_steps={args.steps}", f"parallel.tensor_parallel={args.nproc}", "data.num_workers=1",
              f"checkpoint.hf_llama={base}", f"checkpoint.load={conv}",
              "diffusion.prediction=v"]  # v learns caption conditioning far sooner than eps here (see README)
-    if args.nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "launcher.train", "--config", "tiny", *train]
-    else:
-        cmd = [sys.executable, "-m", "launcher.train", "--config", "tiny", *train]
-    times["train"] = _stage("train", cmd)
+    times["train"] = _stage("train", [*_launch(args.nproc), "-m", "launcher.train", "--config", "tiny", *train])
     times["sample"] = _stage("sample", _sample_cmd(run, vae, tok, args))
     times["evaluate"] = _stage("evaluate", [
         sys.executable, "tools/evaluate.py", "--samples", str(run / "samples"), "--truth",

@@ -10,11 +10,8 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Iterable
-
-import torch
 
 from megafusion.data.shapes import parse_caption, read_attributes
 
@@ -51,14 +48,8 @@ def caption_scores(samples_dir: str | Path, truth: dict[str, dict]) -> dict[str,
     return _shares((parse_caption(r["caption"]), truth[r["image"]]) for r in rec["captions"])
 
 
-@torch.no_grad()
 def fusion_perplexity(model, tokenizer, texts: list[str]) -> float:
     """Perplexity of a LlamaFusion's text path (text-only input) on texts, each <s> text </s>."""
-    nll, count = 0.0, 0
-    for text in texts:
-        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"],
-                             tokenizer.eos_token_id]])
-        logits = model.text_logits(ids)[0, :-1].double()
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
+    from megafusion.training.base_lm import sequence_perplexity
+
+    return sequence_perplexity(model.text_logits, tokenizer, texts)

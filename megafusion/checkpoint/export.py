@@ -17,13 +17,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from megafusion.checkpoint.gather import canonical_name, shard, unshard
-from megafusion.config.loader import config_from_dict
 from megafusion.config.schema import Config
-from megafusion.training.checkpointing import INDEX, CheckpointError, frozen_source_fingerprint, verify_file
+from megafusion.training.checkpointing import (
+    CheckpointError,
+    frozen_source_fingerprint,
+    read_checkpoint_files,
+    verify_file,
+)
 
 IMAGE_FILE = "megafusion_image.safetensors"
 CONFIG_FILE = "megafusion_config.json"
@@ -33,20 +36,13 @@ _HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "mode
 def open_checkpoint(ckpt_dir: str | Path) -> tuple[Config, dict, dict, Path]:
     """(config, meta.json, index.json, base Llama dir) of a training checkpoint, the base Llama checked."""
     ckpt = Path(ckpt_dir)
-    meta_path = ckpt / "meta.json"
-    if not meta_path.is_file():
-        raise CheckpointError(f"{ckpt} is not a complete megafusion checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    if not (ckpt / INDEX).is_file():
-        raise CheckpointError(f"{ckpt}: no {INDEX} (written by an older megafusion); cannot verify its shards")
-    index = json.loads((ckpt / INDEX).read_text())
-    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    meta, index, cfg = read_checkpoint_files(ckpt)
     src = meta.get("frozen_source", {})
     hf_dir = Path(src.get("path", ""))
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{ckpt}: the base Llama {hf_dir} it was trained from is not available")
     if frozen_source_fingerprint(hf_dir)["files"] != src.get("files"):
-        raise CheckpointError(f"{hf_dir} differs from the base Llama recorded in {meta_path}")
+        raise CheckpointError(f"{hf_dir} differs from the base Llama recorded in {ckpt / 'meta.json'}")
     return cfg, meta, index, hf_dir
 
 

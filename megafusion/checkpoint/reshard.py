@@ -40,17 +40,22 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import yaml
 
 from megafusion.checkpoint.gather import canonical_name, shard, shard_kind, unshard
 from megafusion.checkpoint.tensor_file import DTYPES, TensorFile, merge_runs, write_tensor_file
-from megafusion.config.loader import config_from_dict, dump_config
+from megafusion.config.loader import dump_config
 from megafusion.config.schema import Config
 from megafusion.durable import fsync_path
 from megafusion.parallel.stages import REPLICA
-from megafusion.training.checkpointing import INDEX, CheckpointError, file_digest, verify_file
+from megafusion.training.checkpointing import (
+    ADAM_STATES,
+    INDEX,
+    CheckpointError,
+    file_digest,
+    read_checkpoint_files,
+    verify_file,
+)
 
-STATES = ("master", "exp_avg", "exp_avg_sq")
 UNIVERSAL = "universal"
 
 
@@ -89,14 +94,7 @@ class _Source:
 
     def __init__(self, root: Path):
         self.root = root
-        meta_path = root / "meta.json"
-        if not meta_path.is_file():
-            raise CheckpointError(f"{root} is not a complete megafusion checkpoint (no meta.json)")
-        if not (root / INDEX).is_file():
-            raise CheckpointError(f"{root}: no {INDEX}; cannot verify its shards")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        self.index: dict[str, Any] = json.loads((root / INDEX).read_text())
-        self.cfg = config_from_dict(yaml.safe_load((root / "config.yaml").read_text()))
+        self.meta, self.index, self.cfg = read_checkpoint_files(root)
         lay = self.meta["layout"]
         self.layout = Layout(lay["tp"], lay["pp"], lay.get("vpp", 1))
         self.weights_only = bool(self.meta.get("weights_only", False))
@@ -156,7 +154,7 @@ class _Source:
                     part = int(group["numel"])
                     if "step" in group:
                         steps.add(float(group["step"]))
-                    states = [s for s in STATES if s == "master" or
+                    states = [s for s in ADAM_STATES if s == "master" or
                               f"group{g}.{s}" in self.index[f"optim/tp{t}_pp{p}_dp0.safetensors"]["tensors"]]
                     off = 0
                     for pname, numel in group["params"]:
@@ -334,7 +332,7 @@ def reshard_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int, pp: int
                         dtype, shape = src.dtype(canon), src.local_shape(canon, new.tp, t)
                         weights.append((f"{chunk}.core.{canon}", dtype, shape,
                                         lambda c=canon, t=t: src.runs(c, new.tp, t)))
-                        for s in STATES if not src.weights_only else ():
+                        for s in ADAM_STATES if not src.weights_only else ():
                             if src.has_state(canon, s):
                                 states.append((f"{chunk}.core.{canon}/{s}", torch.float32, (math.prod(shape),),
                                                lambda c=canon, s=s, t=t: src.runs(c, new.tp, t, s)))

@@ -16,7 +16,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -81,9 +81,6 @@ class TensorFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)["shape"])
 
-    def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self._entry(name)["dtype"]]
-
     def numel(self, name: str) -> int:
         return math.prod(self.shape(name))
 
@@ -91,22 +88,15 @@ class TensorFile:
         """Byte offset of the tensor's first element in the file."""
         return self._data_start + self._entry(name)["data_offsets"][0]
 
-    def read(self, name: str) -> torch.Tensor:
-        """The whole tensor, in its shape."""
-        return self.read_flat(name, 0, self.numel(name)).view(self.shape(name))
-
-    def read_flat(self, name: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor, as a new 1-D tensor (or into ``out``)."""
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor, as a new 1-D tensor."""
         e = self._entry(name)
         dtype = DTYPES[e["dtype"]]
         numel = math.prod(e["shape"])
         if not 0 <= start <= stop <= numel:
             raise TensorFileError(f"{self.path}: range [{start}, {stop}) outside {name} of {numel} elements")
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if out is None:
-            out = torch.empty(stop - start, dtype=dtype)
-        elif out.dtype != dtype or out.numel() != stop - start or not out.is_contiguous():
-            raise ValueError(f"{self.path}: buffer for {name}[{start}:{stop}] must be {stop - start} contiguous {dtype}")
+        out = torch.empty(stop - start, dtype=dtype)
         if stop == start:
             return out
         self._f.seek(self._data_start + e["data_offsets"][0] + start * itemsize)

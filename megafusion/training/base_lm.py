@@ -55,19 +55,24 @@ def _batches(tok, texts: list[str], batch: int, seq: int, rng: random.Random):
 
 
 @torch.no_grad()
+def sequence_perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], tok, texts: list[str]) -> float:
+    """Token-level perplexity on texts (each <s> text </s>); ``logits_of`` maps ids [1, s] to logits [1, s, V]."""
+    nll, count = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]])
+        logits = logits_of(ids)[0, :-1].double()
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
 def perplexity(model_dir: str | Path, tokenizer_dir: str | Path, texts: list[str]) -> float:
-    """Token-level perplexity of a HF causal LM on texts (each <s> text </s>), loaded from disk."""
+    """Perplexity of a HF causal LM loaded from disk (see :func:`sequence_perplexity`)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     model = LlamaForCausalLM.from_pretrained(str(model_dir)).eval()
-    nll, count = 0.0, 0
-    for text in texts:
-        ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]])
-        logits = model(ids).logits[0, :-1].double()
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
+    return sequence_perplexity(lambda ids: model(ids).logits, tok, texts)
 
 
 def train_base_llama(out_dir: str | Path, tokenizer_dir: str | Path, m: ModelConfig, steps: int = 300,

@@ -34,17 +34,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from megafusion.config.loader import dump_config
+from megafusion.config.loader import config_from_dict, dump_config
 from megafusion.config.schema import Config
 from megafusion.durable import fsync_path
 
 LATEST = "latest"
 INDEX = "index.json"
+ADAM_STATES = ("master", "exp_avg", "exp_avg_sq")  # what a ZeRO partition holds per parameter
 
 
 class CheckpointError(RuntimeError):
@@ -110,6 +112,18 @@ def frozen_source_fingerprint(hf_dir: str | Path) -> dict[str, Any]:
     files = {p.name: p.stat().st_size for p in sorted(Path(hf_dir).glob("*"))
              if p.suffix in (".safetensors", ".json") and p.is_file()}
     return {"path": str(hf_dir), "files": files}
+
+
+def read_checkpoint_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], Config]:
+    """meta.json, index.json and config.yaml of a complete checkpoint folder (errors name what is missing)."""
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"{path} is not a complete megafusion checkpoint (no meta.json)")
+    if not (path / INDEX).is_file():
+        raise CheckpointError(f"{path}: no {INDEX} (written by an older megafusion); cannot verify its shards")
+    meta = json.loads((path / "meta.json").read_text())
+    index = json.loads((path / INDEX).read_text())
+    return meta, index, config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
 
 
 def latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
@@ -295,7 +309,7 @@ def load_universal_partition(optimizer, model: torch.nn.Module, path: Path, meta
             for p in flat_group_order(optimizer, i):
                 name, n = names[id(p)], p.numel()
                 seen.add(name)
-                keys = {s: f"{name}/{s}" for s in ("master", "exp_avg", "exp_avg_sq")}
+                keys = {s: f"{name}/{s}" for s in ADAM_STATES}
                 if keys["master"] not in f:
                     raise CheckpointError(f"{path}: no optimizer state for parameter {name} (different model?)")
                 if f.numel(keys["master"]) != n:
