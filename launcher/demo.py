@@ -1,16 +1,21 @@
 """The main job on the bundled tiny default, stage by stage (what `make demo` runs).
 
-    python -m launcher.demo [--run-dir runs/demo] [--steps 100] [--nproc 2]
+    python -m launcher.demo [--run-dir runs/demo] [--steps 2000] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
 
 1. the shapes dataset as webdataset shards        (tools/make_shapes_dataset.py)
 2. a small AutoencoderKL trained on shapes         (tools/train_vae.py), a word-level tokenizer, and a
    small text-only base Llama pretrained on text   (tools/train_base_llama.py)
-3. the base Llama converted to a TP=2 checkpoint   (tools/convert_hf_llama.py)
+3. the base Llama converted to a TP=2 checkpoint   (tools/convert_hf_llama.py), re-cut for the training
+   layout when it differs                          (tools/reshard_checkpoint.py)
 4. VAE latents on a local Ray                      (tools/precompute_latents.py)
-5. LlamaFusion training from the converted checkpoint, TP=2 on 2 gloo processes (torchrun -m launcher.train)
-6. samples: images from captions, captions of freshly drawn images, text (tools/sample.py, TP=2)
-7. scores (tools/evaluate.py) and a report: run/report/report.md with the grids, loss curves, metrics.json
-Each stage is skipped when its output exists; the time of each is printed.
+5. LlamaFusion training from that checkpoint on 2 gloo processes (torchrun -m launcher.train --config demo;
+   DP=2 with ZeRO by default, --tp 2 for tensor parallelism)
+6. samples: images from held-out captions, captions of freshly drawn images, text (tools/sample.py)
+7. the Transfusion-style baseline (model.architecture=transfusion: one tower, every weight trained),
+   same data, steps and batch, started from the base Llama, and its samples
+8. scores (tools/evaluate.py) and a report: run/report/report.md with both models side by side
+Each model gets run/<model>/{train,samples,metrics.json}. Data stages are skipped when their
+output exists; the time of each stage is printed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CONVERT_TP = 2  # the issue's layout for the conversion; training may re-cut it
 
 
 def _stage(name: str, cmd: list[str]) -> float:
@@ -43,11 +49,16 @@ def _launch(nproc: int) -> list[str]:
 
 
 def held_out(run: Path, n: int, seed: int = 777) -> tuple[list[str], list[str]]:
-    """n prompts and n freshly drawn images (seeds the dataset does not use); writes held_out/truth.json."""
+    """n prompts and n freshly drawn images (seeds the dataset does not use); writes held_out/truth.json.
+
+    With n = 60 the prompts are every colour x shape x position once.
+    """
     from megafusion.data.shapes import COLORS, POSITIONS, SHAPES, caption_for, draw_shape
 
     rng = random.Random(seed)
     combos = [(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
+    if not 1 <= n <= len(combos):
+        raise SystemExit(f"--eval-samples {n} must lie in [1, {len(combos)}] (colour x shape x position)")
     folder = run / "held_out"
     folder.mkdir(parents=True, exist_ok=True)
     truth, images = {}, []
@@ -61,39 +72,47 @@ def held_out(run: Path, n: int, seed: int = 777) -> tuple[list[str], list[str]]:
     return prompts, images
 
 
-def _sample_cmd(run: Path, vae: Path, tok: Path, args) -> list[str]:
-    """tools/sample.py on the last checkpoint: images from prompts, captions of fresh images, a text."""
+def _sample_cmd(run: Path, model_dir: Path, tp: int, args) -> list[str]:
+    """tools/sample.py on a model's last checkpoint: images from prompts, captions of fresh images, a text."""
     prompts, images = held_out(run, args.eval_samples)
-    return [*_launch(args.nproc), "tools/sample.py", "--tp", str(args.nproc), "--checkpoint", str(run / "train" / "checkpoints"),
-            "--vae", str(vae), "--tokenizer", str(tok), "--out", str(run / "samples"), "--steps",
-            str(args.sample_steps), "--prompts", *prompts, "--images", *images, "--text", "a red",
-            "--max-new-tokens", "8"]
+    return [*_launch(tp), "tools/sample.py", "--tp", str(tp), "--checkpoint", str(model_dir / "train" / "checkpoints"),
+            "--vae", str(run / "vae"), "--tokenizer", str(run / "tokenizer"), "--out", str(model_dir / "samples"),
+            "--steps", str(args.sample_steps), "--guidance", str(args.guidance), "--prompts", *prompts,
+            "--images", *images, "--text", "a red", "--max-new-tokens", "8"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/demo")
-    ap.add_argument("--samples", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--nproc", type=int, default=2, help="training processes (TP size)")
+    ap.add_argument("--samples", type=int, default=2000, help="image-caption pairs in the dataset")
+    ap.add_argument("--steps", type=int, default=None, help="training steps of each model (default: the demo "
+                    "preset's optim.train_steps)")
+    ap.add_argument("--nproc", type=int, default=2, help="training processes")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of training (1 = DP over --nproc)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the Transfusion-style baseline")
     ap.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the samples")
+    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the samples")
     ap.add_argument("--vae-steps", type=int, default=800, help="training steps of the VAE")
     ap.add_argument("--lm-steps", type=int, default=300, help="pretraining steps of the base Llama")
-    ap.add_argument("--eval-samples", type=int, default=20, help="prompts and images to score")
+    ap.add_argument("--eval-samples", type=int, default=60, help="prompts and images to score (60 = every "
+                    "colour x shape x position)")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo preset, for both models")
     args = ap.parse_args(argv)
 
-    from megafusion.config import load_config
+    from megafusion.config import load_config, validate_config
     from megafusion.data.tiny_tokenizer import write_word_tokenizer
 
     run = (ROOT / args.run_dir).resolve()
-    cfg = load_config("tiny")
+    extra = [f"parallel.tensor_parallel={args.tp}"] + ([f"optim.train_steps={args.steps}"] if args.steps else [])
+    extra += args.overrides
+    cfg = validate_config(load_config("demo", extra), world_size=args.nproc)  # fail before any stage runs
     img = cfg.model.image
     times: dict[str, float] = {}
     data = run / "data" / "shapes"
     if not list(data.glob("*.tar")):
         times["dataset"] = _stage("dataset", [sys.executable, "tools/make_shapes_dataset.py", "--output", str(data),
                                               "--num", str(args.samples), "--shard-size", "500", "--size", "64"])
-    vae, tok, base, conv = run / "vae", run / "tokenizer", run / "base_llama", run / "converted_tp"
+    vae, tok, base, conv = run / "vae", run / "tokenizer", run / "base_llama", run / f"converted_tp{CONVERT_TP}"
     if not (vae / "config.json").is_file():
         times["vae"] = _stage("vae", [sys.executable, "tools/train_vae.py", "--out", str(vae), "--image-size",
                                       str(img.image_size), "--downsample", str(img.vae_downsample),
@@ -104,27 +123,38 @@ def main(argv=None) -> int:
                                                     str(tok), "--out", str(base), "--config", "tiny", "--steps",
                                                     str(args.lm_steps)])
     times["convert"] = _stage("convert", [sys.executable, "tools/convert_hf_llama.py", "--hf-dir", str(base), "--out",
-                                          str(conv), "--tp", str(args.nproc), "--pp", "1", "--config", "tiny"])
+                                          str(conv), "--tp", str(CONVERT_TP), "--pp", "1", "--config", "demo"])
+    start = conv
+    if args.tp != CONVERT_TP:
+        start = run / f"converted_tp{args.tp}"
+        times["reshard"] = _stage("reshard", [sys.executable, "tools/reshard_checkpoint.py", "--in", str(conv),
+                                              "--out", str(start), "--tp", str(args.tp), "--pp", "1", "--dp",
+                                              str(args.nproc // args.tp), "--no-progress"])
     latents = run / "data" / "latents"
     times["latents"] = _stage("latents", [
         sys.executable, "tools/precompute_latents.py", "--input", str(data / "shapes-*.tar"), "--output", str(latents),
         "--vae", str(vae), "--resolution", str(img.image_size), "--batch-size", "64", "--num-workers", "2"])
-    train = [f"data.path={latents}/latents-*.tar", f"data.tokenizer={tok}", f"logging.run_dir={run}/train",
-             f"optim.train_steps={args.steps}", f"parallel.tensor_parallel={args.nproc}", "data.num_workers=1",
-             f"checkpoint.hf_llama={base}", f"checkpoint.load={conv}",
-             "diffusion.prediction=v"]  # v learns caption conditioning far sooner than eps here (see README)
-    times["train"] = _stage("train", [*_launch(args.nproc), "-m", "launcher.train", "--config", "tiny", *train])
-    times["sample"] = _stage("sample", _sample_cmd(run, vae, tok, args))
-    times["evaluate"] = _stage("evaluate", [
-        sys.executable, "tools/evaluate.py", "--samples", str(run / "samples"), "--truth",
-        str(run / "held_out" / "truth.json"), "--checkpoint", str(run / "train" / "checkpoints"), "--base-llama",
-        str(base), "--out", str(run / "report" / "metrics.json")])
+
+    models = {"llamafusion": [f"checkpoint.load={start}"]}
+    if not args.no_baseline:  # from the base Llama itself: the conversion holds the recipe's image tower
+        models["transfusion"] = ["model.architecture=transfusion"]
+    for name, own in models.items():
+        out = run / name
+        train = [f"data.path={latents}/latents-*.tar", f"data.tokenizer={tok}", f"logging.run_dir={out}/train",
+                 f"checkpoint.hf_llama={base}", *extra, *own]
+        times[f"train {name}"] = _stage(f"train {name}", [*_launch(args.nproc), "-m", "launcher.train", "--config",
+                                                          "demo", *train])
+        times[f"sample {name}"] = _stage(f"sample {name}", _sample_cmd(run, out, args.tp, args))
+        times[f"evaluate {name}"] = _stage(f"evaluate {name}", [
+            sys.executable, "tools/evaluate.py", "--samples", str(out / "samples"), "--truth",
+            str(run / "held_out" / "truth.json"), "--checkpoint", str(out / "train" / "checkpoints"), "--base-llama",
+            str(base), "--out", str(out / "metrics.json")])
     from megafusion.report import write_report
 
-    report = write_report(run, json.loads((run / "report" / "metrics.json").read_text()), times)
+    metrics = {name: json.loads((run / name / "metrics.json").read_text()) for name in models}
+    report = write_report(run, metrics, times)
     print("[demo] stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    print(f"[demo] outputs in {run}: metrics {run}/train/metrics.jsonl, checkpoints {run}/train/checkpoints, "
-          f"samples {run}/samples, report {report}")
+    print(f"[demo] total {sum(times.values()):.0f}s; report {report}")
     return 0
 
 

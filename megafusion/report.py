@@ -47,41 +47,54 @@ def loss_plot(metrics_jsonl: str | Path, out_png: str | Path, width: int = 640, 
     return Path(out_png)
 
 
-def _table(metrics: dict, part: str, keys=("color", "shape", "position", "all", "n")) -> str:
-    vals = metrics.get(part, {})
-    if not vals:
-        return ""
-    head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    return head + "| " + " | ".join(f"{vals[k]:.3f}" if isinstance(vals.get(k), float) else str(vals.get(k, ""))
-                                    for k in keys) + " |\n"
+TITLES = {"llamafusion": "LlamaFusion (frozen text tower, trainable image tower)",
+          "transfusion": "Transfusion-style baseline (one tower, every weight trained)"}
+ROWS = [(part, key) for part in ("generation", "understanding") for key in ("color", "shape", "position", "all")]
 
 
-def write_report(run: str | Path, metrics: dict, stage_seconds: dict[str, float]) -> Path:
-    """run/report/report.md (+ loss.png, metrics.json) from a demo run folder."""
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+def _comparison(metrics: dict[str, dict]) -> list[str]:
+    """One table, a column per model: generation / understanding shares and text perplexity."""
+    names = list(metrics)
+    lines = ["| score | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for part, key in ROWS:
+        n = next((m[part]["n"] for m in metrics.values() if m.get(part)), "")
+        lines.append(f"| {part} {key} (n={n}) | " + " | ".join(_fmt(metrics[m].get(part, {}).get(key))
+                                                          for m in names) + " |")
+    base = next((m["language"]["base_perplexity"] for m in metrics.values() if "language" in m), None)
+    lines.append(f"| text perplexity (base Llama {'-' if base is None else f'{base:.6f}'}) | " + " | ".join(
+        f"{metrics[m]['language']['trained_perplexity']:.6f}" if "trained_perplexity" in metrics[m].get("language", {})
+        else "-" for m in names) + " |")
+    return lines
+
+
+def write_report(run: str | Path, metrics: dict[str, dict], stage_seconds: dict[str, float]) -> Path:
+    """run/report/report.md (+ a loss plot per model, metrics.json) from a demo run folder.
+
+    ``metrics`` maps a model name to its tools/evaluate.py metrics; model ``m``'s training
+    metrics and samples are in run/m/train/metrics.jsonl and run/m/samples.
+    """
     run = Path(run)
     rep = run / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    loss_plot(run / "train" / "metrics.jsonl", rep / "loss.png")
     (rep / "metrics.json").write_text(json.dumps({**metrics, "stage_seconds": stage_seconds}, indent=1))
     rel = lambda p: os.path.relpath(p, rep)  # noqa: E731
-    lang = metrics.get("language", {})
-    lines = [
-        "# megafusion run report", "",
-        f"Run folder `{run}`.", "",
-        "## Generation (images from captions; attributes read from the pixels)", "",
-        _table(metrics, "generation"),
-        f"![generated images]({rel(run / 'samples' / 'images.png')})", "",
-        "## Understanding (captions of images; attributes parsed from the text)", "",
-        _table(metrics, "understanding"),
-        f"![captioned images]({rel(run / 'samples' / 'captions.png')})", "",
-        "## Language (held-out text perplexity)", "",
-        f"base Llama {lang.get('base_perplexity', float('nan')):.6f}, trained model "
-        f"{lang.get('trained_perplexity', float('nan')):.6f}", "",
-        "## Training", "",
-        "![losses](loss.png)", "",
-        "## Stage times (s)", "",
-        "| " + " | ".join(stage_seconds) + " |", "|" + "---|" * len(stage_seconds),
-        "| " + " | ".join(f"{v:.1f}" for v in stage_seconds.values()) + " |", "",
-    ]
+    lines = ["# megafusion run report", "", f"Run folder `{run}`. Generation: images drawn from held-out captions, "
+             "attributes read from the pixels. Understanding: captions of freshly drawn images, attributes parsed "
+             "from the text. Language: held-out text perplexity (the base Llama's is kept exactly by a frozen text "
+             "tower).", "", "## Scores", "", *_comparison(metrics), ""]
+    for name in metrics:
+        loss_plot(run / name / "train" / "metrics.jsonl", rep / f"loss_{name}.png")
+        samples = run / name / "samples"
+        lines += [f"## {TITLES.get(name, name)}", "",
+                  f"![{name} generated images]({rel(samples / 'images.png')})", "",
+                  f"![{name} captioned images]({rel(samples / 'captions.png')})", "",
+                  f"![{name} losses](loss_{name}.png)", ""]
+    lines += ["## Stage times (s)", "", "| " + " | ".join(stage_seconds) + " |", "|" + "---|" * len(stage_seconds),
+              "| " + " | ".join(f"{v:.1f}" for v in stage_seconds.values()) + " |", "",
+              f"Total {sum(stage_seconds.values()):.0f} s.", ""]
     (rep / "report.md").write_text("\n".join(lines))
     return rep / "report.md"

@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.image_size % args.downsample:
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
 
     try:
         info = train_vae(args.out, args.image_size, args.downsample, args.latent_channels, args.steps,
-                         args.batch_size, args.lr, seed=args.seed)
+                         args.batch_size, args.lr, args.kl_weight, seed=args.seed)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

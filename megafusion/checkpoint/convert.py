@@ -53,6 +53,9 @@ def convert_hf_llama(hf_dir: str | Path, out_dir: str | Path, cfg: Config, tp: i
     from tqdm import tqdm
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
+    if cfg.model.architecture != "llamafusion":
+        raise ValueError(f"model.architecture={cfg.model.architecture!r}: conversion writes the image tower of the "
+                         "recipe; start the baseline from the HF Llama itself (checkpoint.hf_llama, no checkpoint.load)")
     m = model_config_from_hf(read_hf_config(hf_dir), image=cfg.model.image)
     vpp = vpp or 1
     if m.num_layers % (pp * vpp) or m.num_attention_heads % tp or m.num_kv_heads % tp or m.ffn_hidden_size % tp:

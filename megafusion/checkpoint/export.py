@@ -68,6 +68,9 @@ def read_checkpoint_image_side(ckpt_dir: str | Path) -> tuple[dict[str, torch.Te
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> Path:
     ckpt, out = Path(ckpt_dir), Path(out_dir)
     full, cfg, meta, hf_dir = read_checkpoint_image_side(ckpt)
+    if cfg.model.architecture != "llamafusion":
+        raise CheckpointError(f"{ckpt}: a {cfg.model.architecture} checkpoint trains its text tower, which the export "
+                              "(the base Llama's files, copied) cannot hold; sample and evaluate the checkpoint itself")
 
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():

@@ -300,6 +300,8 @@ def reshard_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int, pp: int
     cfg, m = src.cfg, src.cfg.model
     where: dict[tuple[int, int], list[str]] = defaultdict(list)  # canonical names of each new (pp, chunk)
     try:
+        if m.architecture != "llamafusion":  # its vocab-parallel text tensors train: their padding is per layout
+            raise CheckpointError(f"{src_dir}: resharding a {m.architecture} checkpoint is not supported")
         _check_layout(cfg, new, dp, src_dir)
         unknown = [c for c in src.model if c not in src.optim] if not src.weights_only else []
         if unknown and src.step is not None:

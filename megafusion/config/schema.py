@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+ARCHITECTURES = ("llamafusion", "transfusion")
+"""model.architecture values: the recipe, and the paper's one-tower baseline."""
+
 
 @dataclass
 class RopeScalingConfig:
@@ -98,6 +101,9 @@ class ModelConfig:
     """'auto' (bfloat16 with CUDA, float32 without), 'float32' or 'bfloat16'."""
     init_std: float = 0.02
     """Std of random init for weights not loaded from a checkpoint."""
+    architecture: str = "llamafusion"
+    """'llamafusion' (the recipe: frozen text tower + trainable image tower) or 'transfusion' (the paper's
+    baseline: image tokens go through the text tower's weights, and every weight trains; same FLOPs per token)."""
     image: ImageConfig = field(default_factory=ImageConfig)
     """Image input/output modules."""
 
@@ -195,6 +201,10 @@ class DiffusionConfig:
     """lambda in loss = lm + lambda * diffusion MSE (Transfusion: 5)."""
     caption_dropout: float = 0.1
     """Share of captions dropped for classifier-free guidance."""
+    understanding_max_timestep: int = 500
+    """Images whose caption follows them (image-first pairs) are noised with t < this, not t < num_timesteps:
+    a caption cannot be learned from an image that noise has erased (Transfusion limits the noise of its
+    captioning examples to t < 500 as well). num_timesteps turns the cap off."""
 
 
 @dataclass

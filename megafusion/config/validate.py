@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megafusion.config.loader import ConfigError
-from megafusion.config.schema import Config
+from megafusion.config.schema import ARCHITECTURES, Config
 
 
 def _is_pow2(n: int) -> bool:
@@ -168,6 +168,8 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
             errs.append(f"{key}={tok} is outside the vocabulary [0, model.vocab_size={m.vocab_size})")
     if m.boi_token_id == m.eoi_token_id:
         errs.append(f"model.boi_token_id and model.eoi_token_id are both {m.boi_token_id}")
+    if m.architecture not in ARCHITECTURES:
+        errs.append(f"model.architecture={m.architecture!r} must be one of {list(ARCHITECTURES)}")
     if cfg.diffusion.schedule != "cosine":
         errs.append(f"diffusion.schedule={cfg.diffusion.schedule!r}: only 'cosine' is implemented")
     if cfg.diffusion.prediction not in ("epsilon", "v"):
@@ -178,6 +180,9 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         )
     if not 0.0 <= cfg.diffusion.caption_dropout < 1.0:
         errs.append(f"diffusion.caption_dropout={cfg.diffusion.caption_dropout} must be in [0, 1)")
+    if not 1 <= cfg.diffusion.understanding_max_timestep <= cfg.diffusion.num_timesteps:
+        errs.append(f"diffusion.understanding_max_timestep={cfg.diffusion.understanding_max_timestep} must be in "
+                    f"[1, diffusion.num_timesteps={cfg.diffusion.num_timesteps}]")
     if not 0.0 <= cfg.data.text_ratio < 1.0:
         errs.append(f"data.text_ratio={cfg.data.text_ratio} must be in [0, 1)")
     elif cfg.data.text_ratio > 0 and not cfg.data.text_path:

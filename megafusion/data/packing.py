@@ -34,6 +34,8 @@ class Document:
     """Index in ``tokens`` of the first image token."""
     key: str = ""
     """Provenance (source shard#key) of the image."""
+    caption_after: bool = False
+    """The image comes first and its (non-empty) caption follows: an understanding example."""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -67,7 +69,7 @@ def make_document(caption_ids: list[int], latent: Optional[np.ndarray], tokens_p
     else:
         toks = [sp.bos, sp.boi, *image, sp.eoi, *cap, sp.eos]
         start = 2
-    return Document(toks, latent, start)
+    return Document(toks, latent, start, caption_after=not caption_first and bool(cap))
 
 
 @dataclass
@@ -128,4 +130,5 @@ def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens
     loss_mask = is_text & next_text & same_doc & not_pad & (labels != sp.boi) & (ids != sp.eos)
     loss_mask[:, -1] = False
     lat = torch.from_numpy(np.stack(latents).astype(np.float32)) if latents else None
-    return FusionBatch(ids, image_ids, pos, doc_ids, lat, None, labels, loss_mask.float())
+    after = torch.tensor([d.caption_after for row in rows for d in row if d.latent is not None], dtype=torch.bool)
+    return FusionBatch(ids, image_ids, pos, doc_ids, lat, None, labels, loss_mask.float(), caption_after=after)

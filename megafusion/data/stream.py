@@ -85,7 +85,11 @@ class LoaderStream:
         n = clean.num_images
         if n == 0:
             return TrainItem(clean.to(self.device), torch.zeros(0))
-        t = torch.randint(0, self.cfg.diffusion.num_timesteps, (n,), generator=g)
+        diff = self.cfg.diffusion
+        t = torch.randint(0, diff.num_timesteps, (n,), generator=g)
+        if diff.understanding_max_timestep < diff.num_timesteps and clean.caption_after is not None:
+            capped = torch.randint(0, diff.understanding_max_timestep, (n,), generator=g)
+            t = torch.where(clean.caption_after, capped, t)
         noise = torch.randn(clean.latents.shape, generator=g)
         noisy = self.schedule.add_noise(clean.latents, noise, t)
         target = self.schedule.target(clean.latents, noise, t, self.cfg.diffusion.prediction)

@@ -48,6 +48,9 @@ def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None)
     lay = meta["layout"]
     if lay.get("pp", 1) == 1 and lay.get("vpp", 1) == 1 and lay["tp"] == model.pctx.tp_size:
         _load_own_shard(model, ckpt, index)  # this rank's file only: no full copy of the image side
+    elif cfg.model.architecture != "llamafusion":
+        raise ValueError(f"{ckpt}: a {cfg.model.architecture} checkpoint (trained text tower) loads only at its "
+                         f"own layout, TP={lay['tp']} with PP=1; this run has TP={model.pctx.tp_size}")
     else:  # another layout: every rank assembles the full image side once (reshard first for big models)
         full, _, _, _ = read_checkpoint_image_side(ckpt)
         load_image_side(model, full)
@@ -58,20 +61,19 @@ def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None)
 
 
 def _load_own_shard(model, ckpt: Path, index: dict) -> None:
-    """Copy ``model/tp{rank}_pp0.safetensors`` into the model (checkpoint saved at this TP, PP=1)."""
+    """Copy ``model/tp{rank}_pp0.safetensors`` (every trained parameter) into the model (saved at this TP, PP=1)."""
     import torch
     from safetensors.torch import load_file
 
     from megafusion.checkpoint.gather import canonical_name
-    from megafusion.model.llamafusion import is_text_tower_param
     from megafusion.training.checkpointing import CheckpointError, verify_file
 
     rel = f"model/tp{model.pctx.tp_rank}_pp0.safetensors"
     verify_file(ckpt, rel, index)
     saved = {canonical_name(k): v for k, v in load_file(str(ckpt / rel)).items() if canonical_name(k)}
-    params = {n: p for n, p in model.named_parameters() if not is_text_tower_param(n)}
+    params = {n: p for n, p in model.named_parameters() if model.trains(n)}
     if set(saved) != set(params):
-        raise CheckpointError(f"{ckpt / rel}: image-side parameters differ from the model's, e.g. "
+        raise CheckpointError(f"{ckpt / rel}: trained parameters differ from the model's, e.g. "
                               f"{sorted(set(saved) ^ set(params))[:3]}")
     with torch.no_grad():
         for name, p in params.items():

@@ -35,6 +35,9 @@ class FusionBatch:
     """[b, s] 1.0 where the LM loss counts (text positions only; not on the token predicting <BOI>)."""
     sample_keys: Optional[list] = None
     """Provenance of each image (source shard#key), in image order; not used by the model."""
+    caption_after: Optional[torch.Tensor] = None
+    """[n_img] bool, True where the image's caption follows it (an understanding example); the
+    trainer caps the noise of those images (``diffusion.understanding_max_timestep``). Not used by the model."""
 
     @staticmethod
     def text_only(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> "FusionBatch":

@@ -1,5 +1,8 @@
 """LlamaFusion: a frozen Llama text tower beside a trainable image tower, sharing attention.
 
+``model.architecture='transfusion'`` builds the paper's baseline from the same code:
+one tower, used by text and image tokens alike, every weight trained.
+
 The module is pipeline-stage friendly: ``pre_process`` owns the text embedding,
 the <BOI>/<EOI> embeddings and the image down-sampler; ``post_process`` owns the
 final norm, the LM head and the image up-sampler; ``layer_ids`` picks which
@@ -116,6 +119,8 @@ class LlamaFusion(nn.Module):
         self.layers = nn.ModuleDict({str(i): FusionLayer(cfg, self.config, pctx, layer_id=i) for i in ids})
         if post_process:
             self.final_norm = RMSNorm(h, cfg.rms_norm_eps, dtype).to(device)
+            # under SP it normalises this rank's tokens: partial grads, summed over TP (parallel/grads.py)
+            setattr(self.final_norm.weight, "sequence_parallel", pctx.sequence_parallel)
             self.lm_head = ColumnParallelLinear(
                 h, self.padded_vocab, config=self.config, init_method=no_init, bias=False,
                 gather_output=False, skip_bias_add=True, disable_grad_reduce=True, tp_group=pctx.tp_group,
@@ -184,19 +189,33 @@ class LlamaFusion(nn.Module):
 
     @torch.no_grad()
     def init_image_tower_from_text(self) -> None:
-        """Image tower Q/K/V/O/FFN/norms := copies of the text tower (the recipe's init)."""
-        for m in self.routed_modules():
-            m.image.weight.copy_(m.text.weight)
-            norm = getattr(m, "norm", None)
-            if norm is not None:
-                norm.image.copy_(norm.text)
+        """Image tower Q/K/V/O/FFN/norms := copies of the text tower (the recipe's init).
+
+        The Transfusion baseline has no image tower: its image tokens use the text weights.
+        """
+        if not self.shared_tower:
+            for m in self.routed_modules():
+                m.image.weight.copy_(m.text.weight)
+                norm = getattr(m, "norm", None)
+                if norm is not None:
+                    norm.image.copy_(norm.text)
         if self.post_process and hasattr(self.image_out, "norm_in"):
             self.image_out.norm_in.weight.copy_(self.final_norm.weight)
 
+    @property
+    def shared_tower(self) -> bool:
+        """One tower for text and image tokens (``model.architecture='transfusion'``, the paper's baseline)."""
+        return self.cfg.architecture == "transfusion"
+
+    def trains(self, name: str) -> bool:
+        """Does parameter ``name`` train (and live in checkpoints)? The image side under the recipe; everything
+        in the Transfusion baseline, whose text tower is not kept."""
+        return self.shared_tower or not is_text_tower_param(name)
+
     def freeze_text_tower(self) -> None:
-        """requires_grad=False on everything the base Llama owns."""
+        """requires_grad=False on everything the base Llama owns (nothing in the Transfusion baseline)."""
         for name, p in self.named_parameters():
-            p.requires_grad_(not is_text_tower_param(name))
+            p.requires_grad_(self.trains(name))
 
     @torch.no_grad()
     def init_random_text_tower(self, std: Optional[float] = None, seed: int = 0) -> None:
@@ -276,23 +295,28 @@ class LlamaFusion(nn.Module):
         return x
 
     def _post_inputs(self, x: torch.Tensor, routes: Routes) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Final residual stream -> (text rows for the LM head, image rows for the up-sampler), full sequence."""
+        """Final residual stream -> (final-normed text rows for the LM head, image rows for the up-sampler).
+
+        The final norm runs before the tensor-parallel region of the LM head, so its weight
+        gets whole gradients (it trains in the Transfusion baseline); under sequence
+        parallelism it normalises this rank's tokens and is summed over TP like the other norms.
+        """
         x = x.reshape(-1, x.shape[-1])
         g = self.pctx.tp_group
         if self.pctx.sequence_parallel:
             # LM head is column-parallel: its input grads are partial -> reduce-scatter back.
-            text, _ = routes.full.split(gather_from_sequence_parallel_region(x, True, group=g))
+            text, _ = routes.full.split(gather_from_sequence_parallel_region(self.final_norm(x), True, group=g))
             # The up-sampler is replicated: every rank has the full grad -> just split back.
             _, image = routes.full.split(gather_from_sequence_parallel_region(x, False, group=g))
         else:
             text, image = routes.full.split(x)
-        if text is not None and not self.pctx.sequence_parallel:
-            text = copy_to_tensor_model_parallel_region(text, group=g)
+            if text is not None:
+                text = copy_to_tensor_model_parallel_region(self.final_norm(text), group=g)
         return text, image
 
-    def _vocab_logits(self, text_hidden: torch.Tensor) -> torch.Tensor:
-        """Normalised text rows [Nt, h] -> this rank's vocab shard of logits [Nt, V_pad / tp], padding at -inf."""
-        logits = F.linear(self.final_norm(text_hidden), self.lm_head.weight)
+    def _vocab_logits(self, text_normed: torch.Tensor) -> torch.Tensor:
+        """Final-normed text rows [Nt, h] -> this rank's vocab shard of logits [Nt, V_pad / tp], padding at -inf."""
+        logits = F.linear(text_normed, self.lm_head.weight)
         per = self.padded_vocab // self.pctx.tp_size
         start = self.pctx.tp_rank * per
         if start + per > self.cfg.vocab_size:
@@ -382,7 +406,7 @@ class LlamaFusion(nn.Module):
         kv_cache.commit(batch.document_ids, batch.image_ids)
         out_logits = None
         if logits:
-            last = self._vocab_logits(x[-1])  # [b, V_pad / tp]
+            last = self._vocab_logits(self.final_norm(x[-1]))  # [b, V_pad / tp]
             out_logits = gather_from_tensor_model_parallel_region(last, group=self.pctx.tp_group)[:, : self.cfg.vocab_size]
         pred = None
         routes = state.inputs.routes
@@ -444,7 +468,7 @@ _TEXT_TOWER_PREFIXES = ("embedding.", "final_norm.", "lm_head.")
 
 
 def is_text_tower_param(name: str) -> bool:
-    """True for parameters copied from the base Llama and kept frozen."""
+    """True for parameters copied from the base Llama (kept frozen, except in the Transfusion baseline)."""
     if name.startswith(_TEXT_TOWER_PREFIXES):
         return True
     parts = name.split(".")

@@ -14,6 +14,8 @@ sequence; the two tower shards are then applied as local matmuls on their
 gathered rows. Without sequence parallelism the output all-reduce runs once on
 the merged rows; the input copy (all-reduce of the input gradient in backward)
 runs once per modality part, the same bytes as one all-reduce of the sequence.
+``shared=True`` (the Transfusion baseline, ``model.architecture``) keeps only the
+text shard and sends image rows through it too: the same code path and FLOPs.
 The towers' ``_forward_impl`` is not used because DeepSpeed, not megatron's
 ``main_grad`` fusion, owns gradient accumulation here; plain ``F.linear``
 lets autograd skip weight gradients of frozen (text) shards entirely.
@@ -46,6 +48,11 @@ from megafusion.parallel.process_groups import ParallelContext
 TOWERS = ("text", "image")
 
 
+def towers(shared: bool) -> tuple[str, ...]:
+    """Towers a routed module holds: both, or only the text one when image tokens share it (Transfusion)."""
+    return TOWERS[:1] if shared else TOWERS
+
+
 def no_init(_: torch.Tensor) -> None:
     """Weights are loaded (HF import) or initialised by the model's own init pass."""
 
@@ -57,22 +64,23 @@ def _ensure_tp_attributes(weight: torch.Tensor, dim: int) -> None:
 
 
 class RoutedNorm(nn.Module):
-    """Pre-projection RMSNorm with one weight per tower (replicated over TP)."""
+    """Pre-projection RMSNorm with one weight per tower (replicated over TP); one weight when ``shared``."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, sequence_parallel: bool):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, sequence_parallel: bool, shared: bool = False):
         super().__init__()
         self.eps = eps
-        self.text = nn.Parameter(torch.ones(size, dtype=dtype))
-        self.image = nn.Parameter(torch.ones(size, dtype=dtype))
-        for p in (self.text, self.image):
+        for tower in towers(shared):
+            p = nn.Parameter(torch.ones(size, dtype=dtype))
             # Under SP each rank normalises its own tokens only: grads are partial over TP.
             setattr(p, "sequence_parallel", sequence_parallel)
+            setattr(self, tower, p)
+        self.image_tower = "text" if shared else "image"  # the weight image tokens use
 
     def forward(self, parts: Parts) -> Parts:
         t, i = parts
         return (
             rms_norm(t, self.text, self.eps) if t is not None else None,
-            rms_norm(i, self.image, self.eps) if i is not None else None,
+            rms_norm(i, getattr(self, self.image_tower), self.eps) if i is not None else None,
         )
 
 
@@ -94,16 +102,18 @@ class RoutedColumnParallelLinear(nn.Module):
         config: ModelParallelConfig,
         pctx: ParallelContext,
         pre_norm_eps: Optional[float] = None,
+        shared: bool = False,
     ):
         super().__init__()
         self.pctx = pctx
         self.input_size, self.output_size = input_size, output_size
         self.norm = (
-            RoutedNorm(input_size, pre_norm_eps, config.params_dtype, pctx.sequence_parallel)
+            RoutedNorm(input_size, pre_norm_eps, config.params_dtype, pctx.sequence_parallel, shared)
             if pre_norm_eps is not None
             else None
         )
-        for tower in TOWERS:
+        self.image_tower = "text" if shared else "image"  # the shard image tokens go through
+        for tower in towers(shared):
             lin = ColumnParallelLinear(
                 input_size, output_size, config=config, init_method=no_init, bias=False,
                 gather_output=False, skip_bias_add=True, disable_grad_reduce=True, tp_group=pctx.tp_group,
@@ -135,7 +145,7 @@ class RoutedColumnParallelLinear(nn.Module):
         t, i = parts
         return (
             F.linear(t, self.text.weight) if t is not None else None,
-            F.linear(i, self.image.weight) if i is not None else None,
+            F.linear(i, self.tower(self.image_tower).weight) if i is not None else None,
         )
 
 
@@ -147,11 +157,13 @@ class RoutedRowParallelLinear(nn.Module):
     along the sequence under sequence parallelism).
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, pctx: ParallelContext):
+    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, pctx: ParallelContext,
+                 shared: bool = False):
         super().__init__()
         self.pctx = pctx
         self.input_size, self.output_size = input_size, output_size
-        for tower in TOWERS:
+        self.image_tower = "text" if shared else "image"  # the shard image tokens go through
+        for tower in towers(shared):
             lin = RowParallelLinear(
                 input_size, output_size, config=config, init_method=no_init, bias=False,
                 input_is_parallel=True, skip_bias_add=True, tp_group=pctx.tp_group,
@@ -168,7 +180,7 @@ class RoutedRowParallelLinear(nn.Module):
         partial = routes.full.merge(
             (
                 F.linear(t, self.text.weight) if t is not None else None,
-                F.linear(i, self.image.weight) if i is not None else None,
+                F.linear(i, self.tower(self.image_tower).weight) if i is not None else None,
             )
         )  # [N, out], partial sums over TP ranks
         group = self.pctx.tp_group

@@ -102,7 +102,7 @@ def build_stage_models(cfg: Config, hf_dir: str, pctx: ParallelContext) -> list[
     mcfg = model_config_from_hf(
         read_hf_config(hf_dir), image=m.image, boi_token_id=m.boi_token_id, eoi_token_id=m.eoi_token_id,
         make_vocab_size_divisible_by=m.make_vocab_size_divisible_by, attention_backend=m.attention_backend,
-        params_dtype=m.params_dtype,
+        params_dtype=m.params_dtype, architecture=m.architecture,
     )
     for key in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size"):
         if getattr(mcfg, key) != getattr(m, key):

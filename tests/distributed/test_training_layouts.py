@@ -163,3 +163,26 @@ def test_zero_dp2_matches_torch_adamw(tiny_base, tmp_path, overrides):
     for r in results:
         per_rank_moments = r["moment_bytes"].item()
         assert abs(per_rank_moments - 2 * 4 * n / 2) <= 2 * 4 * 2 * 64, (per_rank_moments, n)
+
+
+@pytest.fixture(scope="module")
+def transfusion_reference(tiny_base, tmp_path_factory):
+    return run_distributed(_train_worker, 1, ["model.architecture=transfusion"], tiny_base,
+                           str(tmp_path_factory.mktemp("tf_ref")))[0]
+
+
+@pytest.mark.parametrize("overrides", [[], ["parallel.sequence_parallel=true"]], ids=["tp2", "tp2_sp"])
+def test_transfusion_baseline_tp2_matches_single_rank(tiny_base, transfusion_reference, tmp_path, overrides):
+    """The one-tower baseline trains its text tower too (embedding, final norm, LM head under TP)."""
+    ref = transfusion_reference
+    results = run_distributed(_train_worker, 2, ["model.architecture=transfusion", "parallel.tensor_parallel=2",
+                                                 *overrides], tiny_base, str(tmp_path))
+    torch.testing.assert_close(results[0]["losses"], ref["losses"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0]["grad_norms"], ref["grad_norms"], atol=1e-4, rtol=1e-4)
+    final = _merge(results)
+    assert set(final) == set(ref["final"])
+    for name, want in ref["final"].items():
+        torch.testing.assert_close(final[name], want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    for name in ("embedding.weight", "layers.0.qkv.text.weight", "layers.1.down.text.weight",
+                 "layers.0.gate_up.norm.text", "final_norm.weight", "lm_head.weight"):
+        assert not torch.equal(ref["initial"][name], ref["final"][name]), f"{name} did not train"

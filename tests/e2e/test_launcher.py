@@ -69,39 +69,45 @@ def test_torchrun_tp2_sp_training_run(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
-    """What `make demo` runs, shortened: dataset -> VAE, base Llama -> convert -> Ray latents -> TP=2 training -> samples."""
+    """What `make demo` runs, shortened: dataset -> VAE, base Llama -> convert (TP=2) -> reshard (TP=1) -> Ray
+    latents -> DP=2 training of LlamaFusion and of the Transfusion-style baseline -> samples -> scores -> report."""
     r = _run([sys.executable, "-m", "launcher.demo", "--run-dir", str(tmp_path / "demo"), "--samples", "200",
               "--steps", "3", "--vae-steps", "20", "--lm-steps", "20", "--eval-samples", "4"], timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "[demo] stage times: dataset" in r.stdout and "step      3/3" in r.stdout
-    assert "converted_tp at step 0" in r.stdout  # training starts from the converted base Llama
+    assert "converted_tp1 at step 0" in r.stdout  # LlamaFusion starts from the converted, resharded base Llama
     summary = yaml.safe_load((tmp_path / "demo" / "data" / "latents" / "summary.json").read_text())
     assert summary["out"] == 200
-    assert (tmp_path / "demo" / "train" / "checkpoints" / "latest").is_file()
-    # stage 5: tools/sample.py at TP=2 wrote grids and a record; at TP=1 it gives the same samples
     run = tmp_path / "demo"
-    rec2 = json.loads((run / "samples" / "samples.json").read_text())
-    assert len(rec2["images"]) == 4 and len(rec2["captions"]) == 4 and len(rec2["text"]) == 1
-    assert (run / "samples" / "images.png").is_file() and (run / "samples" / "captions.png").is_file()
-    # stage 7: scores and the report; the frozen text tower keeps the base Llama's perplexity exactly
     metrics = json.loads((run / "report" / "metrics.json").read_text())
-    assert metrics["generation"]["n"] == 4 and metrics["understanding"]["n"] == 4
-    lang = metrics["language"]
+    for name in ("llamafusion", "transfusion"):
+        assert (run / name / "train" / "checkpoints" / "latest").is_file()
+        rec = json.loads((run / name / "samples" / "samples.json").read_text())
+        assert len(rec["images"]) == 4 and len(rec["captions"]) == 4 and len(rec["text"]) == 1
+        assert (run / name / "samples" / "images.png").is_file() and (run / name / "samples" / "captions.png").is_file()
+        assert metrics[name]["generation"]["n"] == 4 and metrics[name]["understanding"]["n"] == 4
+    # the frozen text tower keeps the base Llama's perplexity exactly; the baseline's trained tower does not
+    lang, base_lang = metrics["llamafusion"]["language"], metrics["transfusion"]["language"]
     assert lang["trained_perplexity"] == pytest.approx(lang["base_perplexity"], rel=1e-9)
-    assert "## Generation" in (run / "report" / "report.md").read_text() and (run / "report" / "loss.png").is_file()
+    assert base_lang["trained_perplexity"] != base_lang["base_perplexity"]
+    report = (run / "report" / "report.md").read_text()
+    assert "| score | llamafusion | transfusion |" in report and (run / "report" / "loss_transfusion.png").is_file()
+    # the TP=1-trained checkpoint sampled at TP=2 gives the same samples
     from launcher.demo import _sample_cmd
 
-    args = argparse.Namespace(nproc=1, sample_steps=25, eval_samples=4)
-    cmd = _sample_cmd(run, run / "vae", run / "tokenizer", args)
-    cmd[cmd.index("--out") + 1] = str(run / "samples_tp1")
+    model = run / "llamafusion"
+    args = argparse.Namespace(sample_steps=25, eval_samples=4, guidance=1.0)
+    cmd = _sample_cmd(run, model, 2, args)
+    cmd[cmd.index("--out") + 1] = str(model / "samples_tp2")
     r = _run(cmd, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    rec1 = json.loads((run / "samples_tp1" / "samples.json").read_text())
+    rec1 = json.loads((model / "samples" / "samples.json").read_text())
+    rec2 = json.loads((model / "samples_tp2" / "samples.json").read_text())
     assert [c["ids"] for c in rec1["captions"]] == [c["ids"] for c in rec2["captions"]]
     assert rec1["text"] == rec2["text"]
     for k in range(4):
-        a = np.asarray(Image.open(run / "samples" / f"image_{k:03d}.png"), dtype=np.int16)
-        b = np.asarray(Image.open(run / "samples_tp1" / f"image_{k:03d}.png"), dtype=np.int16)
+        a = np.asarray(Image.open(model / "samples" / f"image_{k:03d}.png"), dtype=np.int16)
+        b = np.asarray(Image.open(model / "samples_tp2" / f"image_{k:03d}.png"), dtype=np.int16)
         assert np.abs(a - b).max() <= 2  # float round-off across TP may move a pixel by a level
 
 

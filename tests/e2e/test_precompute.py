@@ -250,6 +250,33 @@ def test_loader_mixes_text_only_shards_at_the_configured_ratio(latents_dir, tmp_
     assert 0.35 < text_docs / (text_docs + image_docs) < 0.65, (text_docs, image_docs)
 
 
+def test_captioning_pairs_get_capped_noise(latents_dir, tmp_path):
+    """Images whose caption follows them are noised with t < diffusion.understanding_max_timestep; others not."""
+    import torch
+
+    from megafusion.config import load_config
+    from megafusion.data.stream import LoaderStream
+    from megafusion.data.tiny_tokenizer import write_word_tokenizer
+
+    tok = write_word_tokenizer(tmp_path / "tok")
+    cfg = load_config("tiny", [f"data.path={latents_dir}/latents-*.tar", f"data.tokenizer={tok}",
+                               "data.seq_length=64", "data.micro_batch_size=4", "data.num_workers=0",
+                               "data.caption_first_prob=0.5", "diffusion.caption_dropout=0.2"])
+    eos = 3  # write_word_tokenizer's </s>
+    T = cfg.model.image.tokens_per_image
+    stream = LoaderStream(cfg, 0, 1, torch.device("cpu"), micro_per_step=1)
+    capped, free = [], []
+    for step in range(8):
+        b = stream.item(step, 0).batch
+        for i, t in enumerate(b.timesteps.tolist()):
+            r, c = (b.image_ids == i).nonzero()[-1].tolist()  # the image's last token; <EOI> follows it
+            image_first = b.position_ids[r, c - T + 1].item() == 2  # <s> <BOI> image ...
+            (capped if image_first and b.input_ids[r, c + 2].item() != eos else free).append(t)
+    assert capped and free
+    assert max(capped) < cfg.diffusion.understanding_max_timestep == 500
+    assert max(free) >= 500
+
+
 @pytest.mark.slow
 def test_loader_errors_name_the_problem(latents_dir, tmp_path):
     from megafusion.config import load_config

@@ -39,6 +39,9 @@ def test_hand_checked_packing():
     assert batch.latents.shape == (2, 4, 2, 2) and batch.latents[1].max().item() == 2.0
     img = batch.image_ids >= 0
     assert torch.equal(batch.image_ids[img], torch.tensor([0] * 4 + [1] * 4))
+    assert batch.caption_after.tolist() == [False, True]  # b's caption follows its image
+    dropped = make_document([], LAT, 4, SP, caption_first=False, max_len=16)  # no caption: not a captioning pair
+    assert rows_to_batch([[dropped]], 16, SP).caption_after.tolist() == [False]
 
 
 def test_too_long_caption_is_cut_not_the_image():

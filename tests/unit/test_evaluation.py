@@ -70,13 +70,22 @@ def test_report_has_the_scores_and_a_loss_plot(tmp_path):
 
     from megafusion.report import write_report
 
-    (tmp_path / "train").mkdir()
-    (tmp_path / "train" / "metrics.jsonl").write_text("\n".join(
-        json.dumps({"step": s, "loss": 3.0 / s, "lm_loss": 2.0 / s, "diffusion_loss": 1.0 / s}) for s in range(1, 9)))
-    metrics = {"generation": {"color": 0.9, "shape": 0.6, "position": 0.8, "all": 0.5, "n": 20},
-               "language": {"base_perplexity": 2.5, "trained_perplexity": 2.5}}
+    for name in ("llamafusion", "transfusion"):
+        (tmp_path / name / "train").mkdir(parents=True)
+        (tmp_path / name / "train" / "metrics.jsonl").write_text("\n".join(
+            json.dumps({"step": s, "loss": 3.0 / s, "lm_loss": 2.0 / s, "diffusion_loss": 1.0 / s})
+            for s in range(1, 9)))
+    metrics = {"llamafusion": {"generation": {"color": 0.9, "shape": 0.6, "position": 0.8, "all": 0.5, "n": 20},
+                               "language": {"base_perplexity": 2.5, "trained_perplexity": 2.5}},
+               "transfusion": {"generation": {"color": 0.7, "shape": 0.4, "position": 0.85, "all": 0.25, "n": 20},
+                               "language": {"base_perplexity": 2.5, "trained_perplexity": 3.25}}}
     rep = write_report(tmp_path, metrics, {"train": 12.0})
     text = rep.read_text()
-    assert "| 0.900 | 0.600 | 0.800 | 0.500 | 20 |" in text and "2.500000" in text
-    assert Image.open(tmp_path / "report" / "loss.png").size == (640, 360)
-    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["stage_seconds"] == {"train": 12.0}
+    assert "| score | llamafusion | transfusion |" in text
+    assert "| generation color (n=20) | 0.900 | 0.700 |" in text
+    assert "| text perplexity (base Llama 2.500000) | 2.500000 | 3.250000 |" in text
+    for name in ("llamafusion", "transfusion"):
+        assert Image.open(tmp_path / "report" / f"loss_{name}.png").size == (640, 360)
+        assert f"../{name}/samples/images.png" in text
+    saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert saved["stage_seconds"] == {"train": 12.0} and saved["transfusion"]["language"]["trained_perplexity"] == 3.25
