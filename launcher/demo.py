@@ -10,7 +10,8 @@
 4. VAE latents on a local Ray                      (tools/precompute_latents.py)
 5. LlamaFusion training from that checkpoint on 2 gloo processes (torchrun -m launcher.train --config demo;
    DP=2 with ZeRO by default, --tp 2 for tensor parallelism)
-6. samples: images from held-out captions, captions of freshly drawn images, text (tools/sample.py)
+6. samples: an image for every colour x shape x position caption, captions of freshly drawn images, a text
+   (tools/sample.py)
 7. the Transfusion-style baseline (model.architecture=transfusion: one tower, every weight trained),
    same data, steps and batch, started from the base Llama, and its samples
 8. scores (tools/evaluate.py) and a report: run/report/report.md with both models side by side
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
                                                     str(tok), "--out", str(base), "--config", "tiny", "--steps",
                                                     str(args.lm_steps)])
     times["convert"] = _stage("convert", [sys.executable, "tools/convert_hf_llama.py", "--hf-dir", str(base), "--out",
-                                          str(conv), "--tp", str(CONVERT_TP), "--pp", "1", "--config", "demo"])
+                                          str(conv), "--tp", str(CONVERT_TP), "--pp", "1", "--config", "demo",
+                                          *args.overrides])
     start = conv
     if args.tp != CONVERT_TP:
         start = run / f"converted_tp{args.tp}"

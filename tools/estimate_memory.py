@@ -54,7 +54,11 @@ def main(argv=None) -> int:
         return 2
     nbytes = 2 if args.dtype == "bfloat16" else 4
     lay = layout_of(cfg, gpus)
-    stages = stage_memory(cfg, lay, nbytes, args.image_fraction)
+    try:
+        stages = stage_memory(cfg, lay, nbytes, args.image_fraction)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{cfg.name}: {lay} on {gpus} GPUs of {args.gpu_gb:g} GiB, {args.dtype} parameters, seq {cfg.data.seq_length}, "
           f"global batch {cfg.data.global_batch_size}")
     cols = ("stage", "frozen", "trainable", "grads", "optimizer", "bucket", "activations", "peak")

@@ -2,7 +2,7 @@
 """Score a sampled LlamaFusion on the bundled shapes data; write metrics.json.
 
     python tools/evaluate.py --samples runs/demo/samples --truth runs/demo/held_out/truth.json \\
-        --checkpoint runs/demo/train/checkpoints --base-llama runs/demo/base_llama --out runs/demo/report/metrics.json
+        --checkpoint runs/demo/llamafusion/train/checkpoints --base-llama runs/demo/base_llama --out runs/demo/llamafusion/metrics.json
 
 * generation: share of generated images (tools/sample.py --prompts) whose colour, shape and position,
   read from the pixels, match the prompt;

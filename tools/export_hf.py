@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a megafusion training checkpoint to a Hugging Face directory plus the image side.
 
-    python tools/export_hf.py --in runs/demo/train/checkpoints/latest --out exported/
+    python tools/export_hf.py --in runs/demo/llamafusion/train/checkpoints/latest --out exported/
 
 `transformers.LlamaForCausalLM.from_pretrained(OUT)` loads the text tower (bit-identical to the
 base Llama: it never trains); `LlamaFusion.from_pretrained(OUT)` loads everything back, at any TP.

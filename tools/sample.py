@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sample from a trained LlamaFusion: text -> image, image -> caption, text -> text.
 
-    python tools/sample.py --checkpoint runs/demo/train/checkpoints --vae runs/demo/vae \\
+    python tools/sample.py --checkpoint runs/demo/llamafusion/train/checkpoints --vae runs/demo/vae \\
         --prompts "a red circle at the top left" "a blue square at the center" --out samples/
     python tools/sample.py --checkpoint exported/ --vae vae/ --images a.png b.png --out samples/
     python tools/sample.py --checkpoint exported/ --text "The capital of France is" --out samples/

@@ -92,14 +92,15 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
 
 @torch.no_grad()
 def load_image_side(model, source: str | Path | dict[str, torch.Tensor]) -> None:
-    """Copy this rank's shards of the full image-side tensors (a file or a dict) into ``model`` (any TP size)."""
-    from megafusion.model.llamafusion import is_text_tower_param
+    """Copy this rank's shards of the full trained tensors (a file or a dict) into ``model`` (any TP size).
 
+    The image side for the recipe; every weight for the Transfusion baseline (``model.trains``).
+    """
     path = source if not isinstance(source, dict) else "image side"
     tensors = load_file(str(source)) if not isinstance(source, dict) else source
     cfg, tp, rank = model.cfg, model.pctx.tp_size, model.pctx.tp_rank
     for name, p in model.named_parameters():
-        if is_text_tower_param(name):
+        if not model.trains(name):
             continue
         if name not in tensors:
             raise CheckpointError(f"{path}: no tensor {name!r} (exported from a different model config?)")

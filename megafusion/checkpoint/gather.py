@@ -87,6 +87,11 @@ def shard(name: str, full: torch.Tensor, cfg, tp: int, rank: int) -> torch.Tenso
         return gate_up_shard(*full.chunk(2, 0), tp, rank)
     if kind == "row":
         return row_shard(full, tp, rank)
-    if kind == "vocab":
-        raise ValueError(f"{name}: vocab-parallel tensors are frozen and never resharded")
+    if kind == "vocab":  # trained only by the Transfusion baseline: pad to this TP size, take the rank's rows
+        from megafusion.parallel.megatron_config import padded_vocab_size
+
+        padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
+        full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])  # [V_pad, h]
+        per = padded // tp
+        return full[rank * per : (rank + 1) * per]
     return full

@@ -126,6 +126,12 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
             f"parallel.zero_stage=2 is not supported with parallel.pipeline_parallel={pp} "
             "(gradients must live across micro-batches); use zero_stage=1"
         )
+    elif p.zero_stage == 2 and p.sequence_parallel and tp > 1:
+        errs.append(
+            "parallel.zero_stage=2 is not supported with parallel.sequence_parallel at "
+            f"parallel.tensor_parallel={tp}: stage 2 reduces and frees gradients during backward, before the norms' "
+            "partial gradients are summed over TP; use zero_stage=1"
+        )
     if p.sequence_parallel and tp > 1 and cfg.data.seq_length % tp:
         errs.append(
             f"data.seq_length={cfg.data.seq_length} is not divisible by "

@@ -48,13 +48,10 @@ def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None)
     lay = meta["layout"]
     if lay.get("pp", 1) == 1 and lay.get("vpp", 1) == 1 and lay["tp"] == model.pctx.tp_size:
         _load_own_shard(model, ckpt, index)  # this rank's file only: no full copy of the image side
-    elif cfg.model.architecture != "llamafusion":
-        raise ValueError(f"{ckpt}: a {cfg.model.architecture} checkpoint (trained text tower) loads only at its "
-                         f"own layout, TP={lay['tp']} with PP=1; this run has TP={model.pctx.tp_size}")
-    else:  # another layout: every rank assembles the full image side once (reshard first for big models)
+    else:  # another layout: every rank assembles the full trained side once (reshard first for big models)
         full, _, _, _ = read_checkpoint_image_side(ckpt)
         load_image_side(model, full)
-    model.freeze_text_tower()
+    model.requires_grad_(False)  # inference: no autograd graphs (the baseline's weights all train otherwise)
     dirs = [d for d in (cfg.data.tokenizer, str(hf_dir)) if d]
     return Loaded(model.eval(), cfg.diffusion.num_timesteps, cfg.diffusion.prediction, dirs,
                   f"checkpoint {ckpt} (step {meta['step']})")

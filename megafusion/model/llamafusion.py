@@ -94,6 +94,9 @@ class LlamaFusion(nn.Module):
         if pctx is None:
             init_model_parallel(1, 1)
             pctx = ParallelContext.current()
+        if cfg.architecture == "transfusion" and cfg.tie_word_embeddings:
+            raise ValueError("model.architecture=transfusion with a tied-embedding Llama (tie_word_embeddings): the "
+                             "embedding and LM head are separate parameters here and would train apart")
         self.cfg, self.pctx = cfg, pctx
         self.pre_process, self.post_process = pre_process, post_process
         dtype = resolve_params_dtype(cfg.params_dtype)

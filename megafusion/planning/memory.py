@@ -161,6 +161,9 @@ def in_flight(lay: Layout, num_micro: int, rank: int = 0) -> int:
 def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction: float = 0.5) -> list[StageMemory]:
     """Memory of the first, (a middle,) and last pipeline stage under ``lay``."""
     m = cfg.model
+    if m.architecture != "llamafusion":
+        raise ValueError(f"model.architecture={m.architecture!r}: the planner models the recipe (frozen text tower "
+                         "+ trainable image tower) only")
     t, pp = lay.tp, lay.pp
     h, d = m.hidden_size, m.head_dim
     vpad = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, t)

@@ -12,7 +12,8 @@ Layout of one checkpoint ``<save>/step_00000100/``::
 
 The frozen text tower is not copied into checkpoints: it is bit-identical to
 ``checkpoint.hf_llama`` (recorded in meta.json with its file sizes, checked on
-resume) and is reloaded from there. Everything is written into ``step_XXXXXXXX.tmp`` first;
+resume) and is reloaded from there. (The Transfusion-style baseline trains its text tower,
+so there every weight is in ``model/``.) Everything is written into ``step_XXXXXXXX.tmp`` first;
 rank 0 renames the folder once every rank has finished and only then rewrites
 the ``latest`` pointer (via a temporary file and ``os.replace``), so a crash at
 any point leaves ``latest`` on the previous complete checkpoint.

@@ -5,7 +5,9 @@ with a frozen (text) weight needs its forward (2mn per token) and its input
 gradient (2mn) but no weight gradient (the third 2mn). Image-tower tokens pay
 all three. Attention is counted as dense (4 s^2 h forward per layer), the LM
 head only on text tokens (frozen: no weight gradient), the U-Nets by
-``torch.utils.flop_counter`` on one image (x3 for forward + backward).
+``torch.utils.flop_counter`` on one image (x3 for forward + backward). The
+Transfusion-style baseline (``model.architecture``) trains every weight: text
+tokens pay all three too.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ def transformer_flops_per_step(cfg: Config, text_tokens: int, image_tokens: int,
     h, d = m.hidden_size, m.head_dim
     per_token_mn = h * (m.num_attention_heads + 2 * m.num_kv_heads) * d + m.num_attention_heads * d * h
     per_token_mn += 3 * h * m.ffn_hidden_size
-    linear = m.num_layers * per_token_mn * (4 * text_tokens + 6 * image_tokens)
+    text_cost = 6 if m.architecture == "transfusion" else 4  # the baseline trains the text weights too
+    linear = m.num_layers * per_token_mn * (text_cost * text_tokens + 6 * image_tokens)
     s = cfg.data.seq_length
     attention = m.num_layers * seqs * 12 * s * s * h  # fwd 4 s^2 h, bwd 8 s^2 h
-    head = 4 * text_tokens * h * m.vocab_size
+    head = text_cost * text_tokens * h * m.vocab_size
     return float(linear + attention + head)
 
 

@@ -186,3 +186,11 @@ def test_transfusion_baseline_tp2_matches_single_rank(tiny_base, transfusion_ref
     for name in ("embedding.weight", "layers.0.qkv.text.weight", "layers.1.down.text.weight",
                  "layers.0.gate_up.norm.text", "final_norm.weight", "lm_head.weight"):
         assert not torch.equal(ref["initial"][name], ref["final"][name]), f"{name} did not train"
+    # its TP=2 checkpoint holds the trained text tower and loads at TP=1 (vocab shards re-padded) for inference
+    from megafusion.checkpoint.gather import gather_full
+    from megafusion.inference.load import load_for_inference
+
+    loaded = gather_full(load_for_inference(tmp_path / "checkpoints").model)
+    assert set(loaded) == set(final)
+    for name, want in final.items():
+        torch.testing.assert_close(loaded[name], want, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")

@@ -94,6 +94,8 @@ def test_yaml_file_with_base_and_dump_roundtrip(tmp_path):
      "parallel.zero_stage=2 is not supported with parallel.pipeline_parallel=2"),
     (["parallel.zero_stage=2", "data.global_batch_size=8"], 2,
      "parallel.zero_stage=2 needs one micro-batch per step"),
+    (["parallel.zero_stage=2", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"], 2,
+     "parallel.zero_stage=2 is not supported with parallel.sequence_parallel"),
     (["data.global_batch_size=5"], 2, "data.global_batch_size=5 is not divisible by data.micro_batch_size=2"),
     (["model.hidden_size=130"], None, "model.hidden_size=130 is not divisible by model.num_attention_heads=4"),
     (["model.boi_token_id=999"], None, "model.boi_token_id=999 is outside the vocabulary"),
