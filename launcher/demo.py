@@ -1,6 +1,6 @@
 """The main job on the bundled tiny default, stage by stage (what `make demo` runs).
 
-    python -m launcher.demo [--run-dir runs/demo] [--steps 2000] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
+    python -m launcher.demo [--run-dir runs/demo] [--steps 1600] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
 
 1. the shapes dataset as webdataset shards        (tools/make_shapes_dataset.py)
 2. a small AutoencoderKL trained on shapes         (tools/train_vae.py), a word-level tokenizer, and a
@@ -73,9 +73,8 @@ def held_out(run: Path, n: int, seed: int = 777) -> tuple[list[str], list[str]]:
     return prompts, images
 
 
-def _sample_cmd(run: Path, model_dir: Path, tp: int, args) -> list[str]:
+def _sample_cmd(run: Path, model_dir: Path, tp: int, args, prompts: list[str], images: list[str]) -> list[str]:
     """tools/sample.py on a model's last checkpoint: images from prompts, captions of fresh images, a text."""
-    prompts, images = held_out(run, args.eval_samples)
     return [*_launch(tp), "tools/sample.py", "--tp", str(tp), "--checkpoint", str(model_dir / "train" / "checkpoints"),
             "--vae", str(run / "vae"), "--tokenizer", str(run / "tokenizer"), "--out", str(model_dir / "samples"),
             "--steps", str(args.sample_steps), "--guidance", str(args.guidance), "--prompts", *prompts,
@@ -108,6 +107,7 @@ def main(argv=None) -> int:
     extra += args.overrides
     cfg = validate_config(load_config("demo", extra), world_size=args.nproc)  # fail before any stage runs
     img = cfg.model.image
+    prompts, images = held_out(run, args.eval_samples)  # the same for both models; checks --eval-samples up front
     times: dict[str, float] = {}
     data = run / "data" / "shapes"
     if not list(data.glob("*.tar")):
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
                  f"checkpoint.hf_llama={base}", *extra, *own]
         times[f"train {name}"] = _stage(f"train {name}", [*_launch(args.nproc), "-m", "launcher.train", "--config",
                                                           "demo", *train])
-        times[f"sample {name}"] = _stage(f"sample {name}", _sample_cmd(run, out, args.tp, args))
+        times[f"sample {name}"] = _stage(f"sample {name}", _sample_cmd(run, out, args.tp, args, prompts, images))
         times[f"evaluate {name}"] = _stage(f"evaluate {name}", [
             sys.executable, "tools/evaluate.py", "--samples", str(out / "samples"), "--truth",
             str(run / "held_out" / "truth.json"), "--checkpoint", str(out / "train" / "checkpoints"), "--base-llama",

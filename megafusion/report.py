@@ -82,10 +82,11 @@ def write_report(run: str | Path, metrics: dict[str, dict], stage_seconds: dict[
     rep.mkdir(parents=True, exist_ok=True)
     (rep / "metrics.json").write_text(json.dumps({**metrics, "stage_seconds": stage_seconds}, indent=1))
     rel = lambda p: os.path.relpath(p, rep)  # noqa: E731
-    lines = ["# megafusion run report", "", f"Run folder `{run}`. Generation: an image drawn for each caption (every colour x "
-             "shape x position at 60 samples), attributes read from the pixels. Understanding: captions of freshly drawn images, attributes parsed "
-             "from the text. Language: held-out text perplexity (the base Llama's is kept exactly by a frozen text "
-             "tower).", "", "## Scores", "", *_comparison(metrics), ""]
+    lines = ["# megafusion run report", "",
+             f"Run folder `{run}`. Generation: an image drawn for each caption (every colour x shape x position at "
+             "60 samples), attributes read from the pixels. Understanding: captions of freshly drawn images, "
+             "attributes parsed from the text. Language: held-out text perplexity (the base Llama's is kept exactly "
+             "by a frozen text tower).", "", "## Scores", "", *_comparison(metrics), ""]
     for name in metrics:
         loss_plot(run / name / "train" / "metrics.jsonl", rep / f"loss_{name}.png")
         samples = run / name / "samples"

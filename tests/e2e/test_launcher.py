@@ -93,11 +93,11 @@ def test_demo_runs_every_stage(tmp_path):
     report = (run / "report" / "report.md").read_text()
     assert "| score | llamafusion | transfusion |" in report and (run / "report" / "loss_transfusion.png").is_file()
     # the TP=1-trained checkpoint sampled at TP=2 gives the same samples
-    from launcher.demo import _sample_cmd
+    from launcher.demo import _sample_cmd, held_out
 
     model = run / "llamafusion"
-    args = argparse.Namespace(sample_steps=25, eval_samples=4, guidance=1.0)
-    cmd = _sample_cmd(run, model, 2, args)
+    args = argparse.Namespace(sample_steps=25, guidance=1.0)
+    cmd = _sample_cmd(run, model, 2, args, *held_out(run, 4))
     cmd[cmd.index("--out") + 1] = str(model / "samples_tp2")
     r = _run(cmd, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
