@@ -25,7 +25,7 @@ setup(
     description=__doc__,
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["megafusion", "megafusion.*", "launcher", "launcher.*"]),
-    package_data={"megafusion.config": ["presets/*.yaml"]},
+    package_data={"megafusion.config": ["presets/*.yaml"], "megafusion": ["assets/shapes_vae/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest==9.0.3", "pytest-timeout==2.4.0"]},
 )

@@ -1,9 +1,10 @@
 """The main job on the bundled tiny default, stage by stage (what `make demo` runs).
 
-    python -m launcher.demo [--run-dir runs/demo] [--steps 1600] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
+    python -m launcher.demo [--run-dir runs/demo] [--steps 2400] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
 
 1. the shapes dataset as webdataset shards        (tools/make_shapes_dataset.py)
-2. a small AutoencoderKL trained on shapes         (tools/train_vae.py), a word-level tokenizer, and a
+2. a small AutoencoderKL: the shipped one        (megafusion/assets/shapes_vae, made by tools/train_vae.py;
+   --train-vae trains a fresh one, ~2.5 min), a word-level tokenizer, and a
    small text-only base Llama pretrained on text   (tools/train_base_llama.py)
 3. the base Llama converted to a TP=2 checkpoint   (tools/convert_hf_llama.py), re-cut for the training
    layout when it differs                          (tools/reshard_checkpoint.py)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERT_TP = 2  # the issue's layout for the conversion; training may re-cut it
+SHIPPED_VAE = ROOT / "megafusion" / "assets" / "shapes_vae"
 
 
 def _stage(name: str, cmd: list[str]) -> float:
@@ -92,7 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the Transfusion-style baseline")
     ap.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the samples")
     ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the samples")
-    ap.add_argument("--vae-steps", type=int, default=800, help="training steps of the VAE")
+    ap.add_argument("--train-vae", action="store_true", help="train the VAE with tools/train_vae.py instead of "
+                    "copying the shipped one (which that tool made with its defaults)")
+    ap.add_argument("--vae-steps", type=int, default=800, help="training steps of the VAE (with --train-vae)")
     ap.add_argument("--lm-steps", type=int, default=300, help="pretraining steps of the base Llama")
     ap.add_argument("--eval-samples", type=int, default=60, help="prompts and images to score (60 = every "
                     "colour x shape x position)")
@@ -107,6 +112,13 @@ def main(argv=None) -> int:
     extra += args.overrides
     cfg = validate_config(load_config("demo", extra), world_size=args.nproc)  # fail before any stage runs
     img = cfg.model.image
+    if not args.train_vae and not (run / "vae" / "config.json").is_file():  # the shipped VAE fits one geometry
+        shipped = json.loads((SHIPPED_VAE / "config.json").read_text())
+        down = 2 ** (len(shipped["block_out_channels"]) - 1)
+        if (down, shipped["latent_channels"]) != (img.vae_downsample, img.latent_channels):
+            raise SystemExit(f"[demo] the shipped VAE has vae_downsample={down}, latent_channels="
+                             f"{shipped['latent_channels']}; the config asks for model.image.vae_downsample="
+                             f"{img.vae_downsample}, model.image.latent_channels={img.latent_channels}: add --train-vae")
     prompts, images = held_out(run, args.eval_samples)  # the same for both models; checks --eval-samples up front
     times: dict[str, float] = {}
     data = run / "data" / "shapes"
@@ -114,6 +126,9 @@ def main(argv=None) -> int:
         times["dataset"] = _stage("dataset", [sys.executable, "tools/make_shapes_dataset.py", "--output", str(data),
                                               "--num", str(args.samples), "--shard-size", "500", "--size", "64"])
     vae, tok, base, conv = run / "vae", run / "tokenizer", run / "base_llama", run / f"converted_tp{CONVERT_TP}"
+    if not (vae / "config.json").is_file() and not args.train_vae:
+        print(f"[demo] vae: copying the shipped {SHIPPED_VAE.relative_to(ROOT)} (--train-vae trains one)", flush=True)
+        shutil.copytree(SHIPPED_VAE, vae)
     if not (vae / "config.json").is_file():
         times["vae"] = _stage("vae", [sys.executable, "tools/train_vae.py", "--out", str(vae), "--image-size",
                                       str(img.image_size), "--downsample", str(img.vae_downsample),

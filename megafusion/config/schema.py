@@ -49,6 +49,9 @@ class ImageConfig:
     """Channels of the first U-Net block; the second block uses twice as many."""
     timestep_embed_dim: int = 256
     """Width of the sinusoidal timestep embedding fed to the U-Net / patchifier MLP."""
+    position_embedding: str = "none"
+    """'sincos' adds a fixed 2-D sine-cosine embedding of each token's row and column (as DiT and
+    BAGEL do for latent patches); 'none' leaves position to the 1-D RoPE of the sequence alone."""
 
     @property
     def latent_size(self) -> int:

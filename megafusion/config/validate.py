@@ -141,6 +141,10 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     # image geometry
     if img.io not in ("unet", "linear"):
         errs.append(f"model.image.io={img.io!r} must be 'unet' or 'linear'")
+    if img.position_embedding not in ("none", "sincos"):
+        errs.append(f"model.image.position_embedding={img.position_embedding!r} must be 'none' or 'sincos'")
+    elif img.position_embedding == "sincos" and m.hidden_size % 4:
+        errs.append(f"model.image.position_embedding=sincos needs model.hidden_size={m.hidden_size} divisible by 4")
     factor = img.vae_downsample * img.patch_size
     if img.vae_downsample < 1 or img.patch_size < 1:
         errs.append(

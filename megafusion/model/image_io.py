@@ -47,6 +47,45 @@ class TimestepMLP(nn.Module):
         return self.fc2(F.silu(self.fc1(emb)))
 
 
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """Fixed position embedding [side*side, dim] of a raster-ordered token grid.
+
+    The first half of the channels encodes the row, the second the column, each as
+    sines and cosines of geometric frequencies (the MAE/DiT layout). Why: the
+    sequence's 1-D RoPE tells a text query how far back a token is, not which column
+    of the image it sits in; left versus right is then hard to read out of the image.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    freqs = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    coords = torch.arange(side, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # [side, side] each
+
+    def enc(x: torch.Tensor) -> torch.Tensor:
+        ang = x.reshape(-1, 1) * freqs[None, :]  # [T, dim/4]
+        return torch.cat([ang.sin(), ang.cos()], dim=1)  # [T, dim/2]
+
+    return torch.cat([enc(rows), enc(cols)], dim=1).float()  # [T, dim]
+
+
+class PositionEmbedding2D(nn.Module):
+    """Adds :func:`sincos_2d` to image tokens; a non-persistent buffer, so checkpoints do not change."""
+
+    def __init__(self, side: int, dim: int):
+        super().__init__()
+        self.register_buffer("table", sincos_2d(side, dim), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + self.table.to(tokens.dtype)  # [n, T, dim] + [T, dim]
+
+
+def _position_embedding(cfg: ImageConfig, hidden_size: int) -> nn.Module:
+    if cfg.position_embedding == "sincos":
+        return PositionEmbedding2D(cfg.tokens_per_side, hidden_size)
+    return nn.Identity()
+
+
 def _groups(ch: int) -> int:
     return math.gcd(32, ch)
 
@@ -99,6 +138,7 @@ class UNetDown(nn.Module):
         self.channels = chans
         self.norm_out = nn.GroupNorm(_groups(chans[-1]), chans[-1])
         self.proj = nn.Linear(chans[-1], hidden_size)
+        self.pos = _position_embedding(cfg, hidden_size)
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Skips]:
         emb = self.t_mlp(t)
@@ -110,7 +150,7 @@ class UNetDown(nn.Module):
             h = block(down(h), emb)
             skips.append(h)
         tokens = self.proj(_to_tokens(F.silu(self.norm_out(h))))  # [n, T, hidden]
-        return tokens, skips
+        return self.pos(tokens), skips
 
 
 class UNetUp(nn.Module):
@@ -154,13 +194,14 @@ class PatchIn(nn.Module):
         self.p = cfg.patch_size
         self.proj = nn.Linear(cfg.latent_channels * self.p * self.p, hidden_size)
         self.t_mlp = TimestepMLP(cfg.timestep_embed_dim, hidden_size)
+        self.pos = _position_embedding(cfg, hidden_size)
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Skips]:
         n, c, hh, ww = latents.shape
         p = self.p
         x = latents.reshape(n, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)  # [n, h, w, C, p, p]
         x = x.reshape(n, (hh // p) * (ww // p), c * p * p)  # [n, T, C*p*p]
-        return self.proj(x) + self.t_mlp(t)[:, None, :], None
+        return self.pos(self.proj(x) + self.t_mlp(t)[:, None, :]), None
 
 
 class PatchOut(nn.Module):

@@ -72,9 +72,10 @@ def test_demo_runs_every_stage(tmp_path):
     """What `make demo` runs, shortened: dataset -> VAE, base Llama -> convert (TP=2) -> reshard (TP=1) -> Ray
     latents -> DP=2 training of LlamaFusion and of the Transfusion-style baseline -> samples -> scores -> report."""
     r = _run([sys.executable, "-m", "launcher.demo", "--run-dir", str(tmp_path / "demo"), "--samples", "200",
-              "--steps", "3", "--vae-steps", "20", "--lm-steps", "20", "--eval-samples", "4"], timeout=900)
+              "--steps", "3", "--lm-steps", "20", "--eval-samples", "4"], timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "[demo] stage times: dataset" in r.stdout and "step      3/3" in r.stdout
+    assert "copying the shipped megafusion/assets/shapes_vae" in r.stdout
     assert "converted_tp1 at step 0" in r.stdout  # LlamaFusion starts from the converted, resharded base Llama
     summary = yaml.safe_load((tmp_path / "demo" / "data" / "latents" / "summary.json").read_text())
     assert summary["out"] == 200
@@ -109,6 +110,13 @@ def test_demo_runs_every_stage(tmp_path):
         a = np.asarray(Image.open(model / "samples" / f"image_{k:03d}.png"), dtype=np.int16)
         b = np.asarray(Image.open(model / "samples_tp2" / f"image_{k:03d}.png"), dtype=np.int16)
         assert np.abs(a - b).max() <= 2  # float round-off across TP may move a pixel by a level
+
+
+def test_demo_refuses_a_geometry_the_shipped_vae_lacks(tmp_path):
+    r = _run([sys.executable, "-m", "launcher.demo", "--run-dir", str(tmp_path / "demo"),
+              "model.image.latent_channels=8"], timeout=120)
+    assert r.returncode != 0 and "model.image.latent_channels=8: add --train-vae" in r.stderr
+    assert not (tmp_path / "demo").exists()  # refused before any stage ran
 
 
 def test_sample_refuses_a_model_without_image_tower(tmp_path):

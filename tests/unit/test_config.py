@@ -99,6 +99,10 @@ def test_yaml_file_with_base_and_dump_roundtrip(tmp_path):
     (["data.global_batch_size=5"], 2, "data.global_batch_size=5 is not divisible by data.micro_batch_size=2"),
     (["model.hidden_size=130"], None, "model.hidden_size=130 is not divisible by model.num_attention_heads=4"),
     (["model.boi_token_id=999"], None, "model.boi_token_id=999 is outside the vocabulary"),
+    (["model.image.position_embedding=learned"], None,
+     "model.image.position_embedding='learned' must be 'none' or 'sincos'"),
+    (["model.image.position_embedding=sincos", "model.hidden_size=130", "model.num_attention_heads=2"], None,
+     "model.image.position_embedding=sincos needs model.hidden_size=130 divisible by 4"),
 ])
 def test_validation_messages(overrides, world, msg):
     cfg = load_config("tiny", overrides)

@@ -112,6 +112,37 @@ def test_linear_patchifier_option(tiny_hf):
     assert m.image_in.proj.weight.grad is not None
 
 
+@pytest.mark.parametrize("io", ["unet", "linear"])
+def test_sincos_position_embedding_adds_row_and_column(tiny_hf, io):
+    """position_embedding=sincos adds a fixed table of row/column codes; weights and checkpoints stay the same."""
+    import math
+    from dataclasses import replace
+
+    plain = replace(TINY_IMAGE, io=io)
+    img = replace(plain, position_embedding="sincos")
+    torch.manual_seed(0)
+    a = LlamaFusion.from_hf_llama(str(tiny_hf), image=plain)
+    torch.manual_seed(0)
+    b = LlamaFusion.from_hf_llama(str(tiny_hf), image=img)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    b.load_state_dict(a.state_dict())
+    lat, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        diff = b.image_in(lat, t)[0] - a.image_in(lat, t)[0]  # [2, 16, hidden]
+    side, h = img.tokens_per_side, diff.shape[-1]
+    assert torch.allclose(diff[0], diff[1], atol=1e-5)  # the same for every image and timestep
+    table = diff[0].view(side, side, h)  # raster order: [row, column, hidden]
+    q = h // 4
+    # independent reference: row r -> sin/cos(r * 10000^(-k/q)) in the first half, column c in the second
+    for r, c in [(0, 0), (1, 3), (3, 2)]:
+        w = [10000.0 ** (-k / q) for k in range(q)]
+        ref = [math.sin(r * x) for x in w] + [math.cos(r * x) for x in w]
+        ref += [math.sin(c * x) for x in w] + [math.cos(c * x) for x in w]
+        assert torch.allclose(table[r, c], torch.tensor(ref), atol=1e-4)
+    assert torch.allclose(table[0, 1, : h // 2], table[0, 2, : h // 2], atol=1e-5)  # same row, same first half
+    assert not torch.allclose(table[0, 1, h // 2:], table[0, 2, h // 2:])  # columns told apart
+
+
 def test_special_tokens_use_trainable_rows(tiny_hf):
     m = LlamaFusion.from_hf_llama(str(tiny_hf), image=TINY_IMAGE)
     boi, eoi = m.cfg.boi_token_id, m.cfg.eoi_token_id

@@ -32,6 +32,28 @@ def test_trained_vae_reconstructs_what_the_checker_reads(tmp_path):
     assert 0.05 < vae.config.scaling_factor < 50
 
 
+def test_shipped_vae_reconstructs_and_records_how_it_was_made():
+    """The demo's VAE (megafusion/assets/shapes_vae): a plain diffusers AutoencoderKL, made by tools/train_vae.py,
+    whose reconstructions of freshly drawn shapes read back right and whose scaled latents have unit std."""
+    import json
+    import random
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from megafusion.training.vae_training import reconstruction_accuracy, shapes_batch
+
+    folder = ROOT / "megafusion" / "assets" / "shapes_vae"
+    made = json.loads((folder / "training.json").read_text())
+    assert made["args"]["steps"] == 800 and made["args"]["image_size"] == 32
+    vae = AutoencoderKL.from_pretrained(str(folder)).eval()
+    acc = reconstruction_accuracy(vae, 32, n=200, seed=2024)  # seeds neither training nor its own check used
+    assert min(acc.values()) >= 0.95, acc
+    with torch.no_grad():
+        z = vae.encode(shapes_batch(256, 32, random.Random(99))[0]).latent_dist.mode() * vae.config.scaling_factor
+    assert 0.8 < float(z.std()) < 1.25
+
+
 @pytest.mark.slow
 def test_base_llama_learns_the_caption_language(tmp_path):
     from transformers import LlamaForCausalLM
