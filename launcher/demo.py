@@ -1,6 +1,6 @@
 """The main job on the bundled tiny default, stage by stage (what `make demo` runs).
 
-    python -m launcher.demo [--run-dir runs/demo] [--steps 2400] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
+    python -m launcher.demo [--run-dir runs/demo] [--steps 2000] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
 
 1. the shapes dataset as webdataset shards        (tools/make_shapes_dataset.py)
 2. a small AutoencoderKL: the shipped one        (megafusion/assets/shapes_vae, made by tools/train_vae.py;
