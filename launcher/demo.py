@@ -112,7 +112,9 @@ def main(argv=None) -> int:
     extra += args.overrides
     cfg = validate_config(load_config("demo", extra), world_size=args.nproc)  # fail before any stage runs
     img = cfg.model.image
-    if not args.train_vae and not (run / "vae" / "config.json").is_file():  # the shipped VAE fits one geometry
+    vae, tok, base, conv = run / "vae", run / "tokenizer", run / "base_llama", run / f"converted_tp{CONVERT_TP}"
+    copy_vae = not args.train_vae and not (vae / "config.json").is_file()
+    if copy_vae:  # the shipped VAE fits one latent geometry
         shipped = json.loads((SHIPPED_VAE / "config.json").read_text())
         down = 2 ** (len(shipped["block_out_channels"]) - 1)
         if (down, shipped["latent_channels"]) != (img.vae_downsample, img.latent_channels):
@@ -125,8 +127,7 @@ def main(argv=None) -> int:
     if not list(data.glob("*.tar")):
         times["dataset"] = _stage("dataset", [sys.executable, "tools/make_shapes_dataset.py", "--output", str(data),
                                               "--num", str(args.samples), "--shard-size", "500", "--size", "64"])
-    vae, tok, base, conv = run / "vae", run / "tokenizer", run / "base_llama", run / f"converted_tp{CONVERT_TP}"
-    if not (vae / "config.json").is_file() and not args.train_vae:
+    if copy_vae:
         print(f"[demo] vae: copying the shipped {SHIPPED_VAE.relative_to(ROOT)} (--train-vae trains one)", flush=True)
         shutil.copytree(SHIPPED_VAE, vae)
     if not (vae / "config.json").is_file():

@@ -17,6 +17,7 @@ from megafusion.checkpoint.tp_layout import (
     qkv_shard,
     qkv_unshard,
     row_shard,
+    vocab_shard,
     vocab_unshard,
 )
 
@@ -90,8 +91,5 @@ def shard(name: str, full: torch.Tensor, cfg, tp: int, rank: int) -> torch.Tenso
     if kind == "vocab":  # trained only by the Transfusion baseline: pad to this TP size, take the rank's rows
         from megafusion.parallel.megatron_config import padded_vocab_size
 
-        padded = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp)
-        full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])  # [V_pad, h]
-        per = padded // tp
-        return full[rank * per : (rank + 1) * per]
+        return vocab_shard(full, padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp), tp, rank)
     return full

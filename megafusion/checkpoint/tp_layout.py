@@ -52,5 +52,11 @@ def gate_up_unshard(shards: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(gates, 0), torch.cat(ups, 0)
 
 
+def vocab_shard(full: torch.Tensor, padded: int, tp: int, rank: int) -> torch.Tensor:
+    """This rank's rows of ``full`` [V, h] zero-padded to ``padded`` rows (inverse of vocab_unshard)."""
+    full = torch.cat([full, full.new_zeros(padded - full.shape[0], *full.shape[1:])])  # [V_pad, h]
+    return column_shard(full, tp, rank)
+
+
 def vocab_unshard(shards: list[torch.Tensor], vocab: int) -> torch.Tensor:
     return torch.cat(shards, 0)[:vocab]
