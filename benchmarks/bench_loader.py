@@ -32,14 +32,14 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=60)
     args = ap.parse_args()
 
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
-    from megafusion.checkpoint.tiny_vae import write_random_vae
     from megafusion.config import load_config
     from megafusion.data.latent_cache import CacheOptions
     from megafusion.data.latent_pipeline import run
     from megafusion.data.loader import make_loader
-    from megafusion.data.shapes import write_shards
-    from megafusion.data.tiny_tokenizer import write_word_tokenizer
+    from megafusion.demo.shapes import write_shards
+    from megafusion.demo.tiny_llama import write_random_hf_llama
+    from megafusion.demo.tiny_vae import write_random_vae
+    from megafusion.demo.tokenizer import write_word_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     write_shards(root / "in", args.samples, shard_size=max(1, args.samples // 8), size=64)

@@ -40,10 +40,10 @@ def main() -> None:
     import ray
     import torch
 
-    from megafusion.checkpoint.tiny_vae import write_random_vae
     from megafusion.data.latent_cache import CacheOptions, expand_inputs, load_vae, process_shard
     from megafusion.data.latent_pipeline import run
-    from megafusion.data.shapes import write_shards
+    from megafusion.demo.shapes import write_shards
+    from megafusion.demo.tiny_vae import write_random_vae
 
     root = Path(tempfile.mkdtemp(prefix="bench_precompute_"))
     write_shards(root / "in", args.images, shard_size=args.images // args.shards, size=args.resolution)

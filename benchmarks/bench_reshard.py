@@ -95,8 +95,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where to write (default: a temp dir; same disk for both)")
     args = ap.parse_args()
 
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_reshard_"))
     dims = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", f"model.ffn_hidden_size={args.ffn}",

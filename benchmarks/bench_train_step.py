@@ -41,10 +41,10 @@ def main() -> None:
 
     from transformers import LlamaForCausalLM
 
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
     from megafusion.parallel.process_groups import init_model_parallel
-    from megafusion.parallel.zero import optimizer_state_bytes
+    from megafusion.training.engine import optimizer_state_bytes
     from megafusion.training.trainer import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))

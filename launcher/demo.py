@@ -57,7 +57,7 @@ def held_out(run: Path, n: int, seed: int = 777) -> tuple[list[str], list[str]]:
 
     With n = 60 the prompts are every colour x shape x position once.
     """
-    from megafusion.data.shapes import COLORS, POSITIONS, SHAPES, caption_for, draw_shape
+    from megafusion.demo.shapes import COLORS, POSITIONS, SHAPES, caption_for, draw_shape
 
     rng = random.Random(seed)
     combos = [(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from megafusion.config import load_config, validate_config
-    from megafusion.data.tiny_tokenizer import write_word_tokenizer
+    from megafusion.demo.tokenizer import write_word_tokenizer
 
     run = (ROOT / args.run_dir).resolve()
     extra = [f"parallel.tensor_parallel={args.tp}"] + ([f"optim.train_steps={args.steps}"] if args.steps else [])
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
             sys.executable, "tools/evaluate.py", "--samples", str(out / "samples"), "--truth",
             str(run / "held_out" / "truth.json"), "--checkpoint", str(out / "train" / "checkpoints"), "--base-llama",
             str(base), "--out", str(out / "metrics.json")])
-    from megafusion.report import write_report
+    from megafusion.demo.report import write_report
 
     metrics = {name: json.loads((run / name / "metrics.json").read_text()) for name in models}
     report = write_report(run, metrics, times)

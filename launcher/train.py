@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
+    from megafusion.demo.tiny_llama import write_random_hf_llama
     from megafusion.parallel.process_groups import default_backend, init_model_parallel
     from megafusion.training.trainer import NonFiniteError, Trainer
 

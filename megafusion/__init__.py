@@ -1,8 +1,8 @@
 """megafusion: LlamaFusion (LMFusion) on megatron-core, DeepSpeed, Ray and SLURM.
 
-``from megafusion import LlamaFusion`` is the one-process entry point; the
-import is lazy so ``megafusion.config`` stays usable (config validation before
-spawning) without importing torch/megatron.
+``from megafusion import LlamaFusion`` is the one-process entry point (``megafusion.api``); the
+import is lazy so ``megafusion.config`` stays usable (config validation before spawning)
+without importing torch/megatron.
 """
 
 __version__ = "0.1.0"
@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "LlamaFusion":
-        from megafusion.model.llamafusion import LlamaFusion
+        from megafusion.api import LlamaFusion
 
         return LlamaFusion
     if name == "FusionBatch":

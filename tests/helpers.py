@@ -7,8 +7,9 @@ import os
 import socket
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -23,27 +24,17 @@ TINY_IMAGE = ImageConfig(
 def make_tiny_hf_llama(path: str | Path, *, vocab: int = 300, hidden: int = 64, layers: int = 2, heads: int = 4,
                        kv_heads: int = 2, ffn: int = 96, tie: bool = False, seed: int = 0,
                        rope_scaling: bool = True) -> Path:
-    """A random-weight HF Llama (GQA, llama3 rope scaling) saved with save_pretrained (safetensors)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random-weight HF Llama (GQA, llama3 rope scaling, non-trivial norms) saved with save_pretrained
+    (safetensors), through the demo's writer."""
+    from megafusion.config.schema import ModelConfig, RopeScalingConfig
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    torch.manual_seed(seed)
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32, "rope_theta": 500000.0} if rope_scaling else None
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        rope_parameters=rope, tie_word_embeddings=tie, rms_norm_eps=1e-5,
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # HF inits norms to 1; make them non-trivial so norm routing is tested
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    model.save_pretrained(path)
-    return path
+    rope = dict(rope_theta=500000.0, rope_scaling=RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 32)) if rope_scaling \
+        else dict(rope_theta=10000.0, rope_scaling=RopeScalingConfig("none"))
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_attention_heads=heads,
+                      num_kv_heads=kv_heads, ffn_hidden_size=ffn, max_position_embeddings=512, rms_norm_eps=1e-5,
+                      tie_word_embeddings=tie, boi_token_id=vocab - 2, eoi_token_id=vocab - 1, **rope)
+    return write_random_hf_llama(cfg, path, seed=seed, norm_noise=0.1)
 
 
 def mixed_batch(vocab: int, image: ImageConfig = TINY_IMAGE, seed: int = 0, b: int = 2, s: int = 64):

@@ -37,9 +37,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from megafusion.config import ConfigError, load_config
-    from megafusion.planning.memory import (
-        GIB, candidate_layouts, fits, human, layout_of, mfu, stage_memory, step_flops, with_layout,
-    )
+    from megafusion.parallel.layout import layout_of, with_layout
+    from megafusion.planning.memory import GIB, candidate_layouts, fits, human, mfu, stage_memory, step_flops
 
     try:
         cfg = load_config(args.config, args.overrides)

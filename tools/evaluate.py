@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="metrics.json to write")
     args = ap.parse_args(argv)
 
-    from megafusion.evaluation import caption_scores, fusion_perplexity, generation_scores
+    from megafusion.demo.evaluation import caption_scores, fusion_perplexity, generation_scores
 
     if not (Path(args.samples) / "samples.json").is_file():
         print(f"error: {args.samples}: no samples.json (run tools/sample.py first)", file=sys.stderr)
@@ -43,12 +43,12 @@ def main(argv=None) -> int:
     if args.base_llama:
         from transformers import AutoTokenizer
 
-        from megafusion.training.base_lm import perplexity, text_corpus
+        from megafusion.demo.base_lm import perplexity, text_corpus
 
         texts = text_corpus(args.texts, seed=4242)  # seeds the base Llama was not trained on
         metrics["language"] = {"base_perplexity": perplexity(args.base_llama, args.base_llama, texts)}
         if args.checkpoint:
-            from megafusion.inference.load import load_for_inference
+            from megafusion.api import load_for_inference
 
             model = load_for_inference(args.checkpoint).model
             tok = AutoTokenizer.from_pretrained(args.base_llama, local_files_only=True)

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from megafusion.checkpoint.export import export_checkpoint
-    from megafusion.training.checkpointing import CheckpointError, latest_checkpoint
+    from megafusion.checkpoint.files import CheckpointError, latest_checkpoint
 
     src = Path(args.inp)
     if src.name == "latest" and src.is_file():

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    from megafusion.data.shapes import write_shards
+    from megafusion.demo.shapes import write_shards
 
     paths = write_shards(args.output, args.num, args.shard_size, args.seed, args.size)
     print(f"wrote {args.num} samples in {len(paths)} shards to {args.output}")

@@ -31,10 +31,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
+    from megafusion.checkpoint.files import CheckpointError, latest_checkpoint
     from megafusion.checkpoint.reshard import reshard_checkpoint
     from megafusion.checkpoint.tensor_file import TensorFileError
     from megafusion.config import ConfigError
-    from megafusion.training.checkpointing import CheckpointError, latest_checkpoint
 
     for name, v in (("--tp", args.tp), ("--pp", args.pp), ("--vpp", args.vpp or 1), ("--dp", args.dp or 1)):
         if v < 1:

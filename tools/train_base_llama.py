@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from megafusion.config import ConfigError, load_config
-    from megafusion.training.base_lm import train_base_llama
+    from megafusion.demo.base_lm import train_base_llama
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -5,7 +5,7 @@
 
 Images are drawn on the fly (every colour, shape and position, with jitter). Prints the
 loss, then how often colour / shape / position read back from reconstructions match
-(megafusion.data.shapes.read_attributes), and sets scaling_factor for unit-std latents.
+(megafusion.demo.shapes.read_attributes), and sets scaling_factor for unit-std latents.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
 
-    from megafusion.training.vae_training import train_vae
+    from megafusion.demo.vae_training import train_vae
 
     try:
         info = train_vae(args.out, args.image_size, args.downsample, args.latent_channels, args.steps,

@@ -15,7 +15,6 @@ so peak memory stays near one layer's slices plus one output shard.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
+from megafusion.checkpoint.files import INDEX, file_digest, frozen_source_fingerprint
+from megafusion.checkpoint.gather import REPLICA
 from megafusion.checkpoint.hf_import import (
     SafetensorsDir,
     layer_shards,
@@ -33,18 +34,10 @@ from megafusion.checkpoint.hf_import import (
 )
 from megafusion.config.loader import dump_config
 from megafusion.config.schema import Config
-from megafusion.model.image_io import build_image_in, build_image_out
-from megafusion.parallel.stages import REPLICA, layer_ids_for_chunk
-from megafusion.training.checkpointing import INDEX, file_digest, frozen_source_fingerprint
-
-
-def _unets(cfg: Config, hidden: int, eps: float):
-    """The U-Nets exactly as LlamaFusion/StageModule build them (same seed, same order)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        image_in = build_image_in(cfg.model.image, hidden)
-        image_out = build_image_out(cfg.model.image, hidden, eps)
-    return image_in.state_dict(), image_out.state_dict()
+from megafusion.config.validate import split_problems
+from megafusion.durable import publish
+from megafusion.model.image_io import build_image_io
+from megafusion.parallel.layout import Layout, layer_ids_for_chunk
 
 
 def convert_hf_llama(hf_dir: str | Path, out_dir: str | Path, cfg: Config, tp: int, pp: int,
@@ -58,11 +51,13 @@ def convert_hf_llama(hf_dir: str | Path, out_dir: str | Path, cfg: Config, tp: i
                          "recipe; start the baseline from the HF Llama itself (checkpoint.hf_llama, no checkpoint.load)")
     m = model_config_from_hf(read_hf_config(hf_dir), image=cfg.model.image)
     vpp = vpp or 1
-    if m.num_layers % (pp * vpp) or m.num_attention_heads % tp or m.num_kv_heads % tp or m.ffn_hidden_size % tp:
-        raise ValueError(f"{hf_dir}: {m.num_layers} layers / {m.num_attention_heads} heads / {m.num_kv_heads} kv heads"
-                         f" / ffn {m.ffn_hidden_size} cannot be split as TP={tp} x PP={pp} x VPP={vpp}")
+    problems = split_problems(m, tp, pp, vpp)
+    if problems:
+        raise ValueError(f"{hf_dir}: cannot be split as {Layout(tp, pp, vpp=vpp).model_parallel}: "
+                         + "; ".join(p.short() for p in problems))
     r = SafetensorsDir(hf_dir)
-    unet_in, unet_out = _unets(cfg, m.hidden_size, m.rms_norm_eps)
+    image_in, image_out = build_image_io(cfg.model.image, m.hidden_size, m.rms_norm_eps, cfg.seed)  # as the trainer does
+    unet_in, unet_out = image_in.state_dict(), image_out.state_dict()
     final_norm = r.get("model.norm.weight")
     specials = special_rows(r, m.boi_token_id, m.eoi_token_id)
 
@@ -106,8 +101,5 @@ def convert_hf_llama(hf_dir: str | Path, out_dir: str | Path, cfg: Config, tp: i
     (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
     dump_config(cfg, tmp / "config.yaml")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return publish(tmp, out)
 

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from megafusion.checkpoint.build import M, build_llamafusion
+from megafusion.checkpoint.files import CheckpointError, frozen_source_fingerprint, read_checkpoint_files, verify_file
 from megafusion.checkpoint.gather import canonical_name, shard, unshard
+from megafusion.config.loader import config_from_dict
 from megafusion.config.schema import Config
-from megafusion.training.checkpointing import (
-    CheckpointError,
-    frozen_source_fingerprint,
-    read_checkpoint_files,
-    verify_file,
-)
+from megafusion.durable import publish
+from megafusion.model.llamafusion import LlamaFusionModel
+from megafusion.parallel.process_groups import ParallelContext
 
 IMAGE_FILE = "megafusion_image.safetensors"
 CONFIG_FILE = "megafusion_config.json"
@@ -83,9 +83,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
     (tmp / CONFIG_FILE).write_text(json.dumps(
         {"model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion), "step": meta["step"],
          "source_checkpoint": str(ckpt)}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish(tmp, out)
     log(f"[export] {len(full)} image-side tensors + text tower from {hf_dir} -> {out}")
     return out
 
@@ -108,3 +106,21 @@ def load_image_side(model, source: str | Path | dict[str, torch.Tensor]) -> None
         if tuple(local.shape) != tuple(p.shape):
             raise CheckpointError(f"{path}: {name} gives a shard of {tuple(local.shape)}, the model has {tuple(p.shape)}")
         p.copy_(local.to(dtype=p.dtype, device=p.device))
+
+
+def load_exported(path: str | Path, pctx: ParallelContext, *, seed: int = 1234,
+                  cls: type[M] = LlamaFusionModel) -> M:
+    """A ``tools/export_hf.py`` directory as a model on this rank (any TP size): the HF text tower plus the
+    trained image side."""
+    path = Path(path)
+    cfg_file = path / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ValueError(
+            f"{path}: no {CONFIG_FILE}, so no trained image tower; for a plain HF Llama use "
+            "LlamaFusion.from_hf_llama"
+        )
+    mcfg = config_from_dict({"model": json.loads(cfg_file.read_text())["model"]}).model
+    model = build_llamafusion(mcfg, pctx, path, seed=seed, cls=cls)
+    load_image_side(model, path / IMAGE_FILE)
+    return model
+

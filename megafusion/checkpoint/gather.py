@@ -21,6 +21,10 @@ from megafusion.checkpoint.tp_layout import (
     vocab_unshard,
 )
 
+REPLICA = "skip_encoder_replica"
+"""Module name of the last pipeline stage's tied copy of the U-Net down-sampler (``training.stages``):
+checkpoint keys ``{chunk}.skip_encoder_replica.*``, beside ``{chunk}.core.*`` for the model itself."""
+
 
 def shard_kind(name: str) -> str:
     """'qkv' | 'gate_up' | 'row' | 'vocab' | 'replicated' for a LlamaFusion parameter name."""
@@ -35,7 +39,7 @@ def shard_kind(name: str) -> str:
 def canonical_name(name: str) -> str | None:
     """Checkpoint key -> layout-independent name: '1.core.layers.3.qkv.image.weight' -> 'layers.3.qkv.image.weight'.
 
-    None for the last stage's tied U-Net replica ('1.skip_encoder_replica.*'), a copy of image_in.
+    None for the last stage's tied U-Net replica (``1.{REPLICA}.*``), a copy of image_in.
     """
     parts = name.split(".")
     if len(parts) > 2 and parts[1] == "core":

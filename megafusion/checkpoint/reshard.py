@@ -34,39 +34,25 @@ import os
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-from megafusion.checkpoint.gather import canonical_name, shard, shard_kind, unshard
+from megafusion.checkpoint.files import INDEX, CheckpointError, file_digest, read_checkpoint_files, verify_file
+from megafusion.checkpoint.gather import REPLICA, canonical_name, shard, shard_kind, unshard
 from megafusion.checkpoint.tensor_file import DTYPES, TensorFile, merge_runs, write_tensor_file
+from megafusion.checkpoint.training_state import ADAM_STATES
 from megafusion.config.loader import dump_config
 from megafusion.config.schema import Config
-from megafusion.durable import fsync_path
-from megafusion.parallel.stages import REPLICA
-from megafusion.training.checkpointing import (
-    ADAM_STATES,
-    INDEX,
-    CheckpointError,
-    file_digest,
-    read_checkpoint_files,
-    verify_file,
-)
+from megafusion.config.validate import split_problems
+from megafusion.durable import publish
+from megafusion.parallel.layout import Layout
 
 UNIVERSAL = "universal"
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    vpp: int = 1
-
-    def __str__(self) -> str:
-        return f"TP={self.tp} PP={self.pp}" + (f" VPP={self.vpp}" if self.vpp > 1 else "")
 
 
 def _placement(canon: str, m, layout: Layout) -> list[tuple[int, int]]:
@@ -74,7 +60,7 @@ def _placement(canon: str, m, layout: Layout) -> list[tuple[int, int]]:
 
     Canonical names are the single-stage model's (``layers.7.qkv.image.weight``); in a
     checkpoint the key is ``f"{chunk}.core.{canonical}"``. Layers follow megatron-core's
-    interleaved order (``stages.layer_ids_for_chunk``).
+    interleaved order (``parallel.layout.layer_ids_for_chunk``).
     """
     head = canon.split(".")[0]
     if head == "layers":
@@ -96,7 +82,7 @@ class _Source:
         self.root = root
         self.meta, self.index, self.cfg = read_checkpoint_files(root)
         lay = self.meta["layout"]
-        self.layout = Layout(lay["tp"], lay["pp"], lay.get("vpp", 1))
+        self.layout = Layout(lay["tp"], lay["pp"], vpp=lay.get("vpp", 1))
         self.weights_only = bool(self.meta.get("weights_only", False))
         self.universal = self.meta.get("optimizer_format") == UNIVERSAL
         # every input file is checksummed in the background while the copy runs; the output is
@@ -115,7 +101,7 @@ class _Source:
             for p in range(self.layout.pp):
                 rel = f"model/tp{t}_pp{p}.safetensors"
                 if rel not in self.index:
-                    raise CheckpointError(f"{root / rel}: missing for layout {self.layout} (not in {INDEX})")
+                    raise CheckpointError(f"{root / rel}: missing for layout {self.layout.model_parallel} (not in {INDEX})")
                 for key, info in self.index[rel]["tensors"].items():
                     canon = canonical_name(key)
                     if canon is None:
@@ -270,19 +256,14 @@ class _Source:
 
 
 def _check_layout(cfg: Config, new: Layout, dp: Optional[int], where: Path) -> None:
-    m = cfg.model
-    problems = []
-    for what, n, div in (("layers", m.num_layers, new.pp * new.vpp), ("attention heads", m.num_attention_heads, new.tp),
-                         ("kv heads", m.num_kv_heads, new.tp), ("ffn size", m.ffn_hidden_size, new.tp)):
-        if n % div:
-            problems.append(f"{what} {n} not divisible by {div}")
+    problems = [sp.short() for sp in split_problems(cfg.model, new.tp, new.pp, new.vpp)]
     if dp is not None:
         d = cfg.data
         if dp < 1 or d.global_batch_size % (d.micro_batch_size * dp):
             problems.append(f"data.global_batch_size {d.global_batch_size} not divisible by "
                             f"data.micro_batch_size {d.micro_batch_size} x DP {dp}")
     if problems:
-        raise CheckpointError(f"{where}: cannot reshard to {new}" + (f" DP={dp}" if dp else "") + ": "
+        raise CheckpointError(f"{where}: cannot reshard to {new.model_parallel}" + (f" DP={dp}" if dp else "") + ": "
                               + "; ".join(problems))
 
 
@@ -294,7 +275,7 @@ def reshard_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int, pp: int
     src_dir, out = Path(in_dir), Path(out_dir)
     if src_dir.resolve() == out.resolve():
         raise CheckpointError(f"--out {out} is the input checkpoint; write to a new directory")
-    new = Layout(tp, pp, vpp or 1)
+    new = Layout(tp, pp, vpp=vpp or 1)
     t0 = time.time()
     src = _Source(src_dir)
     cfg, m = src.cfg, src.cfg.model
@@ -380,13 +361,7 @@ def reshard_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int, pp: int
     dump_config(replace(cfg, parallel=par), tmp / "config.yaml")
     (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            fsync_path(f)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    fsync_path(out.parent)
-    log(f"[reshard] {src_dir} ({src.layout}) -> {out} ({new}): {moved / 2**20:.1f} MiB in "
+    publish(tmp, out)
+    log(f"[reshard] {src_dir} ({src.layout.model_parallel}) -> {out} ({new.model_parallel}): {moved / 2**20:.1f} MiB in "
         f"{time.time() - t0:.1f} s")
     return out

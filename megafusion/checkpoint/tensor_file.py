@@ -15,8 +15,9 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ class TensorFile:
             if self._data_start + e["data_offsets"][1] > size:
                 raise TensorFileError(f"{self.path}: tensor {name} runs past the end of the file (truncated)")
 
-    def __enter__(self) -> "TensorFile":
+    def __enter__(self) -> TensorFile:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 from megafusion.config.schema import Config
+from megafusion.durable import write_text
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -166,7 +168,4 @@ def dump_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -6,10 +6,48 @@ failing rules are reported together so a user fixes a config in one pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from megafusion.config.loader import ConfigError
-from megafusion.config.schema import ARCHITECTURES, Config
+from megafusion.config.schema import ARCHITECTURES, Config, ModelConfig
+
+
+@dataclass(frozen=True)
+class SplitProblem:
+    """One size of the model that a TP x PP (x VPP) cut does not divide."""
+
+    what: str  # "layers"
+    key: str  # "model.num_layers"
+    value: int
+    by: str  # the cut's keys: "parallel.pipeline_parallel=2 x parallel.virtual_pipeline_stages=4 = 8"
+    divisor: int
+
+    def __str__(self) -> str:
+        return f"{self.key}={self.value} is not divisible by {self.by}"
+
+    def short(self) -> str:
+        """Without config keys, for tools whose layout comes from flags: 'layers 4 not divisible by 3'."""
+        return f"{self.what} {self.value} not divisible by {self.divisor}"
+
+
+def split_problems(m: ModelConfig, tp: int, pp: int, vpp: Optional[int] = None) -> list[SplitProblem]:
+    """Can ``m`` be cut as TP x PP (x VPP)? Heads, kv heads and FFN over TP, layers over PP x VPP.
+
+    The one statement of these rules: config validation, the converter, the resharder and the
+    planner's candidate layouts all ask here.
+    """
+    tp_key = f"parallel.tensor_parallel={tp}"
+    out = [SplitProblem(what, key, val, tp_key, tp) for what, key, val in (
+        ("attention heads", "model.num_attention_heads", m.num_attention_heads),
+        ("kv heads", "model.num_kv_heads", m.num_kv_heads),
+        ("ffn size", "model.ffn_hidden_size", m.ffn_hidden_size)) if val % tp]
+    chunks = pp * (vpp or 1)
+    if m.num_layers % chunks:
+        by = (f"parallel.pipeline_parallel={pp} x parallel.virtual_pipeline_stages={vpp} = {chunks}" if vpp
+              else f"parallel.pipeline_parallel={pp}")
+        out.append(SplitProblem("layers", "model.num_layers", m.num_layers, by, chunks))
+    return out
 
 
 def _is_pow2(n: int) -> bool:
@@ -48,34 +86,10 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
             f"model.num_kv_heads={m.num_kv_heads} (GQA groups must be whole)"
         )
-    if m.num_attention_heads % tp:
-        errs.append(
-            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
-            f"parallel.tensor_parallel={tp}"
-        )
-    if m.num_kv_heads % tp:
-        errs.append(
-            f"model.num_kv_heads={m.num_kv_heads} is not divisible by parallel.tensor_parallel={tp}"
-        )
-    if m.ffn_hidden_size % tp:
-        errs.append(
-            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by "
-            f"parallel.tensor_parallel={tp}"
-        )
     vpp = p.virtual_pipeline_stages
     if vpp is not None and vpp < 1:
         errs.append(f"parallel.virtual_pipeline_stages={vpp} must be >= 1 or null")
-    chunks = pp * (vpp or 1)
-    if m.num_layers % chunks:
-        if vpp:
-            errs.append(
-                f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel"
-                f"={pp} x parallel.virtual_pipeline_stages={vpp} = {chunks}"
-            )
-        else:
-            errs.append(
-                f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel={pp}"
-            )
+    errs += [str(sp) for sp in split_problems(m, tp, pp, vpp)]
     if vpp and vpp > 1 and pp < 2:
         errs.append(
             f"parallel.virtual_pipeline_stages={vpp} needs parallel.pipeline_parallel >= 2 (got {pp})"

@@ -25,14 +25,15 @@ import uuid
 import warnings
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from megafusion.durable import fsync_path
+from megafusion.durable import publish, write_text
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MAX_MEMBER_BYTES = 256 * 2**20
@@ -61,9 +62,8 @@ class CacheOptions:
 
 def expand_inputs(pattern: str) -> list[str]:
     """Brace patterns (``shard-{000000..000127}.tar``), globs and fsspec URLs -> sorted shard list."""
-    from braceexpand import braceexpand
-
     import fsspec
+    from braceexpand import braceexpand
 
     urls: list[str] = []
     for part in braceexpand(pattern):
@@ -240,12 +240,8 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions,
         counts["skipped/" + bad.reason] += 1
     flush()
     writer.close()
-    fsync_path(tmp)
-    os.replace(tmp, out_path)
+    publish(tmp, out_path)
     record = {"input": in_url, "output": out_path.name, "seconds": round(time.time() - t0, 3), **counts}
     rec_path = done_record(out_path)
-    rec_tmp = rec_path.with_name(rec_path.name + ".tmp")
-    rec_tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    fsync_path(rec_tmp)
-    os.replace(rec_tmp, rec_path)
+    write_text(rec_path, json.dumps(record, indent=1, sort_keys=True))
     return record

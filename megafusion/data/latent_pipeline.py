@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from megafusion.data.latent_cache import CacheOptions, done_record, expand_inputs
+from megafusion.durable import write_text
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
@@ -75,9 +76,7 @@ def plan(inputs: list[str], out_dir: Path, settings: dict) -> list[tuple[str, Pa
             raise ValueError(f"{manifest} was written with other settings {diff} (saved, now); "
                              "use a new --output directory or the same settings")
     else:
-        tmp = manifest.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"shards": mapping, "settings": settings}, indent=1, sort_keys=True))
-        os.replace(tmp, manifest)
+        write_text(manifest, json.dumps({"shards": mapping, "settings": settings}, indent=1, sort_keys=True))
     return pairs
 
 
@@ -95,9 +94,7 @@ def summarize(out_dir: Path, seconds: float, this_run: int) -> dict:
     totals["shards_total"] = len(json.loads((out_dir / MANIFEST).read_text())["shards"])
     totals["seconds_this_run"] = round(seconds, 2)
     totals["shards_this_run"] = this_run
-    tmp = out_dir / (SUMMARY + ".tmp")
-    tmp.write_text(json.dumps(totals, indent=1, sort_keys=True))
-    os.replace(tmp, out_dir / SUMMARY)
+    write_text(out_dir / SUMMARY, json.dumps(totals, indent=1, sort_keys=True))
     return totals
 
 

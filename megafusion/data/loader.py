@@ -18,7 +18,8 @@ from __future__ import annotations
 import io
 import json
 import random
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info

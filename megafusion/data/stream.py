@@ -15,6 +15,7 @@ import torch
 
 from megafusion.config.schema import Config
 from megafusion.data.synthetic import synthetic_batch
+from megafusion.diffusion.objective import noised, sample_timesteps
 from megafusion.diffusion.schedule import CosineSchedule
 from megafusion.model.batch import FusionBatch
 
@@ -35,8 +36,15 @@ class TrainItem:
     noise: torch.Tensor  # [n_img, C, H, W] the diffusion target: epsilon, or v (diffusion.prediction)
 
 
+def noised_item(clean: FusionBatch, noise: torch.Tensor, t: torch.Tensor, schedule: CosineSchedule, cfg: Config,
+                device: torch.device) -> TrainItem:
+    """A clean micro-batch, its noise and timesteps -> what the stages consume (x_t in the batch, the target beside)."""
+    noisy, target = noised(schedule, clean.latents, noise, t, cfg.diffusion.prediction)
+    return TrainItem(replace(clean, latents=noisy, timesteps=t).to(device), target.to(device))
+
+
 class SyntheticStream:
-    """Synthetic packed batches (until the latent-shard loader lands), noised with the cosine schedule."""
+    """Synthetic packed batches of the training form, for runs without ``data.path`` (smoke runs, tests)."""
 
     def __init__(self, cfg: Config, dp_rank: int, device: torch.device, micro_per_step: int):
         self.cfg, self.dp_rank, self.device = cfg, dp_rank, device
@@ -49,12 +57,7 @@ class SyntheticStream:
         clean = synthetic_batch(self.cfg, seed=seed, caption_len=self.caption_len)
         g = torch.Generator().manual_seed(seed + 17)
         noise = torch.randn(clean.latents.shape, generator=g)
-        noisy = self.schedule.add_noise(clean.latents, noise, clean.timesteps)
-        target = self.schedule.target(clean.latents, noise, clean.timesteps, self.cfg.diffusion.prediction)
-        return TrainItem(replace(clean, latents=noisy).to(self.device), target.to(self.device))
-
-    def iterator(self, step: int, num_micro: int):
-        return iter([self.item(step, m) for m in range(num_micro)])
+        return noised_item(clean, noise, clean.timesteps, self.schedule, self.cfg, self.device)
 
 
 class LoaderStream:
@@ -85,12 +88,6 @@ class LoaderStream:
         n = clean.num_images
         if n == 0:
             return TrainItem(clean.to(self.device), torch.zeros(0))
-        diff = self.cfg.diffusion
-        t = torch.randint(0, diff.num_timesteps, (n,), generator=g)
-        if diff.understanding_max_timestep < diff.num_timesteps and clean.caption_after is not None:
-            capped = torch.randint(0, diff.understanding_max_timestep, (n,), generator=g)
-            t = torch.where(clean.caption_after, capped, t)
+        t = sample_timesteps(self.cfg.diffusion, n, g, clean.caption_after)
         noise = torch.randn(clean.latents.shape, generator=g)
-        noisy = self.schedule.add_noise(clean.latents, noise, t)
-        target = self.schedule.target(clean.latents, noise, t, self.cfg.diffusion.prediction)
-        return TrainItem(replace(clean, latents=noisy, timesteps=t).to(self.device), target.to(self.device))
+        return noised_item(clean, noise, t, self.schedule, self.cfg, self.device)

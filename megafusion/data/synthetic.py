@@ -1,6 +1,6 @@
 """Synthetic packed multimodal micro-batches in exactly the form the model consumes.
 
-Used by the smoke run and tests until the latent-shard loader exists. Each row
+What the trainer reads when no ``data.path`` is configured (smoke runs, tests). Each row
 packs documents of the form  caption <BOI> image <EOI>  (image-first with
 probability 1 - data.caption_first_prob; caption dropped with probability
 diffusion.caption_dropout), with per-document positions and loss only on text
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from megafusion.config.schema import Config
+from megafusion.diffusion.objective import sample_timesteps
 from megafusion.model.batch import FusionBatch
 
 
@@ -63,5 +64,5 @@ def synthetic_batch(
     loss_mask[:, -1] = 0
     ls = img.latent_size
     latents = torch.randn(n_img, img.latent_channels, ls, ls, generator=g)
-    timesteps = torch.randint(0, cfg.diffusion.num_timesteps, (n_img,), generator=g)
+    timesteps = sample_timesteps(cfg.diffusion, n_img, g)
     return FusionBatch(ids, image_ids, pos, doc, latents, timesteps, labels, loss_mask)

@@ -17,14 +17,15 @@ and noise without any extra communication.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Optional, Union
 
 import torch
 
 from megafusion.diffusion.schedule import CosineSchedule
-from megafusion.inference.kv_cache import KVCache
 from megafusion.inference.sampler import eta_of, per_image_noise, step, timesteps
 from megafusion.model.batch import FusionBatch
+from megafusion.model.kv_cache import KVCache
 
 Prompts = Union[torch.Tensor, Sequence[Sequence[int]]]
 
@@ -282,7 +283,7 @@ def generate_interleaved(model, input_ids: Sequence[int], max_new_tokens: int = 
         if out[-1] == cfg.boi_token_id and len(images) < max_images:  # (a prompt may end in <BOI> too)
             start = torch.tensor([pos], device=dev)
 
-            def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+            def predict(x: torch.Tensor, t: int, start: torch.Tensor = start) -> torch.Tensor:
                 tt = torch.full((1,), t, dtype=torch.long, device=dev)
                 return model.forward_cached(_image_batch(model, x.to(dev, model.params_dtype), tt, start), cache,
                                             logits=False)[1]

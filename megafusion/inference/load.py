@@ -5,33 +5,42 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
 
+import torch
+from safetensors.torch import load_file
+
+from megafusion.checkpoint.build import M, build_llamafusion
+from megafusion.checkpoint.export import (
+    CONFIG_FILE,
+    load_exported,
+    load_image_side,
+    open_checkpoint,
+    read_checkpoint_image_side,
+)
+from megafusion.checkpoint.files import CheckpointError, latest_checkpoint, verify_file
+from megafusion.checkpoint.gather import canonical_name
+from megafusion.model.llamafusion import LlamaFusionModel
 from megafusion.parallel.process_groups import ParallelContext
-
-if TYPE_CHECKING:
-    from megafusion.model.llamafusion import LlamaFusion
 
 
 @dataclass
 class Loaded:
-    model: "LlamaFusion"
+    model: LlamaFusionModel
     num_train_timesteps: int
     prediction: str  # diffusion.prediction the model was trained with
     tokenizer_dirs: list[str] = field(default_factory=list)  # where a tokenizer may be, in order
     source: str = ""
 
 
-def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None) -> Loaded:
-    """``path``: a ``tools/export_hf.py`` directory, a checkpoint folder, or a save dir with ``latest``."""
-    from megafusion import LlamaFusion
-    from megafusion.checkpoint.export import CONFIG_FILE, load_image_side, open_checkpoint, read_checkpoint_image_side
-    from megafusion.checkpoint.hf_import import load_hf_llama
-    from megafusion.training.checkpointing import latest_checkpoint
+def load_for_inference(path: str | Path, pctx: ParallelContext, cls: type[M] = LlamaFusionModel) -> Loaded:
+    """``path``: a ``tools/export_hf.py`` directory, a checkpoint folder, or a save dir with ``latest``.
 
+    ``megafusion.api.load_for_inference`` is the one-process form (it sets up the group and returns
+    the API's ``LlamaFusion`` with its generation methods).
+    """
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
-        model = LlamaFusion.from_pretrained(str(path), pctx=pctx)
+        model = load_exported(path, pctx, cls=cls)
         diffusion = json.loads((path / CONFIG_FILE).read_text()).get("diffusion", {})
         return Loaded(model.eval(), int(diffusion.get("num_timesteps", 1000)), diffusion.get("prediction", "epsilon"),
                       [str(path)], f"exported {path}")
@@ -43,8 +52,7 @@ def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None)
         raise FileNotFoundError(f"{path}: neither an exported model ({CONFIG_FILE}) nor a megafusion checkpoint "
                                 "(meta.json or a `latest` pointer)")
     cfg, meta, index, hf_dir = open_checkpoint(ckpt)
-    model = LlamaFusion(cfg.model, pctx, seed=cfg.seed)
-    load_hf_llama(model, str(hf_dir))
+    model = build_llamafusion(cfg.model, pctx, hf_dir, seed=cfg.seed, cls=cls)
     lay = meta["layout"]
     if lay.get("pp", 1) == 1 and lay.get("vpp", 1) == 1 and lay["tp"] == model.pctx.tp_size:
         _load_own_shard(model, ckpt, index)  # this rank's file only: no full copy of the image side
@@ -57,14 +65,8 @@ def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None)
                   f"checkpoint {ckpt} (step {meta['step']})")
 
 
-def _load_own_shard(model, ckpt: Path, index: dict) -> None:
+def _load_own_shard(model: LlamaFusionModel, ckpt: Path, index: dict) -> None:
     """Copy ``model/tp{rank}_pp0.safetensors`` (every trained parameter) into the model (saved at this TP, PP=1)."""
-    import torch
-    from safetensors.torch import load_file
-
-    from megafusion.checkpoint.gather import canonical_name
-    from megafusion.training.checkpointing import CheckpointError, verify_file
-
     rel = f"model/tp{model.pctx.tp_rank}_pp0.safetensors"
     verify_file(ckpt, rel, index)
     saved = {canonical_name(k): v for k, v in load_file(str(ckpt / rel)).items() if canonical_name(k)}

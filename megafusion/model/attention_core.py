@@ -39,7 +39,7 @@ class AttentionMask:
     block_mask: Any = None  # FlexAttention BlockMask (flex)
 
     @staticmethod
-    def build(document_ids: torch.Tensor, image_ids: torch.Tensor, backend: str) -> "AttentionMask":
+    def build(document_ids: torch.Tensor, image_ids: torch.Tensor, backend: str) -> AttentionMask:
         if backend == "auto":
             backend = "flex" if document_ids.is_cuda else "sdpa"
         if backend == "sdpa":

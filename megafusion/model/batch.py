@@ -40,21 +40,21 @@ class FusionBatch:
     trainer caps the noise of those images (``diffusion.understanding_max_timestep``). Not used by the model."""
 
     @staticmethod
-    def text_only(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> "FusionBatch":
+    def text_only(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> FusionBatch:
         return FusionBatch(input_ids=input_ids, image_ids=torch.full_like(input_ids, -1), labels=labels)
 
     @property
     def num_images(self) -> int:
         return 0 if self.latents is None else int(self.latents.shape[0])
 
-    def with_defaults(self) -> "FusionBatch":
+    def with_defaults(self) -> FusionBatch:
         b, s = self.input_ids.shape
         dev = self.input_ids.device
         pos = self.position_ids if self.position_ids is not None else torch.arange(s, device=dev).expand(b, s)
         doc = self.document_ids if self.document_ids is not None else torch.zeros(b, s, dtype=torch.long, device=dev)
         return replace(self, position_ids=pos, document_ids=doc)
 
-    def to(self, device: torch.device | str) -> "FusionBatch":
+    def to(self, device: torch.device | str) -> FusionBatch:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         return FusionBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
 

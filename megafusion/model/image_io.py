@@ -228,3 +228,19 @@ def build_image_in(cfg: ImageConfig, hidden_size: int) -> nn.Module:
 
 def build_image_out(cfg: ImageConfig, hidden_size: int, eps: float) -> nn.Module:
     return UNetUp(cfg, hidden_size, eps) if cfg.io == "unet" else PatchOut(cfg, hidden_size, eps)
+
+
+def build_image_io(cfg: ImageConfig, hidden_size: int, eps: float, seed: int) -> tuple[nn.Module, nn.Module]:
+    """(image_in, image_out) as every builder makes them: under ``seed``, down-sampler first.
+
+    The U-Nets are replicated over TP and live on different pipeline stages (the last stage
+    even keeps a tied copy of the down-sampler), and the converter writes them to disk without
+    building a model: all of these must start from identical weights, so they are built here
+    only. The caller's random state is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        image_in = build_image_in(cfg, hidden_size)
+        image_out = build_image_out(cfg, hidden_size, eps)
+    return image_in, image_out
+

@@ -1,7 +1,7 @@
 """One LlamaFusion transformer layer: routed norms/projections around a shared attention.
 
 Reads like a single-device Llama layer; every collective lives inside the
-routed projections (``megafusion.parallel.routed_linear``).
+routed projections (``megafusion.model.routed_linear``).
 
 Per-rank fused weight layouts (what ``checkpoint.tp_layout`` slices HF weights into):
     qkv     : [q heads of this rank; k heads of this rank; v heads of this rank]  rows
@@ -21,12 +21,12 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megafusion.config.schema import ModelConfig
 from megafusion.model.attention_core import AttentionMask, shared_attention
 from megafusion.model.rope import apply_rope
+from megafusion.model.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear
 from megafusion.model.routing import Routes
 from megafusion.parallel.process_groups import ParallelContext
-from megafusion.parallel.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear
 
 if TYPE_CHECKING:  # no import at run time
-    from megafusion.inference.kv_cache import KVCache
+    from megafusion.model.kv_cache import KVCache
 
 
 @dataclass
@@ -39,7 +39,7 @@ class LayerInputs:
     sin: torch.Tensor
     seq_len: int
     batch_size: int
-    kv_cache: Optional["KVCache"] = None  # inference: keys/values of earlier tokens (megafusion.inference)
+    kv_cache: Optional[KVCache] = None  # inference: keys/values of earlier tokens (megafusion.inference)
 
 
 class FusionLayer(nn.Module):

@@ -18,13 +18,14 @@ frozen (no loss is taken on <BOI>).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -35,25 +36,25 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 
-from megafusion.config.schema import ImageConfig, ModelConfig
+from megafusion.config.schema import ModelConfig
 from megafusion.model.attention_core import AttentionMask
 from megafusion.model.batch import FusionBatch
-from megafusion.model.image_io import build_image_in, build_image_out
+from megafusion.model.image_io import build_image_io
 from megafusion.model.layer import FusionLayer, LayerInputs
 from megafusion.model.mask import hybrid_attention_mask
 from megafusion.model.norm import RMSNorm
 from megafusion.model.rope import rope_cos_sin, rope_inv_freq
+from megafusion.model.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear, no_init
 from megafusion.model.routing import Route, Routes
 from megafusion.parallel.megatron_config import (
     megatron_transformer_config,
     padded_vocab_size,
     resolve_params_dtype,
 )
-from megafusion.parallel.process_groups import ParallelContext, init_model_parallel
-from megafusion.parallel.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear, no_init
+from megafusion.parallel.process_groups import ParallelContext
 
 if TYPE_CHECKING:
-    from megafusion.inference.kv_cache import KVCache
+    from megafusion.model.kv_cache import KVCache
 
 
 @dataclass
@@ -78,11 +79,17 @@ class ForwardState:
     is_image: torch.Tensor  # [s*b] bool, sequence-major
 
 
-class LlamaFusion(nn.Module):
+class LlamaFusionModel(nn.Module):
+    """The model math on one rank: its TP shard of the layers ``layer_ids`` of one pipeline stage.
+
+    Takes its parallel context and creates no process group (``megafusion.LlamaFusion`` sets up a
+    one-rank group for one-process use). Weights are not loaded here: ``checkpoint.build`` does that.
+    """
+
     def __init__(
         self,
         cfg: ModelConfig,
-        pctx: Optional[ParallelContext] = None,
+        pctx: ParallelContext,
         *,
         pre_process: bool = True,
         post_process: bool = True,
@@ -91,9 +98,6 @@ class LlamaFusion(nn.Module):
         pipeline_parallel: int = 1,
     ):
         super().__init__()
-        if pctx is None:
-            init_model_parallel(1, 1)
-            pctx = ParallelContext.current()
         if cfg.architecture == "transfusion" and cfg.tie_word_embeddings:
             raise ValueError("model.architecture=transfusion with a tied-embedding Llama (tie_word_embeddings): the "
                              "embedding and LM head are separate parameters here and would train apart")
@@ -106,12 +110,8 @@ class LlamaFusion(nn.Module):
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         h, img = cfg.hidden_size, cfg.image
 
-        # Replicated (non-TP) trainable modules: built under one seed so every TP rank,
-        # and every TP size, starts from identical weights.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            image_in = build_image_in(img, h)
-            image_out = build_image_out(img, h, cfg.rms_norm_eps)
+        # Replicated (non-TP) trainable modules: every TP rank, and every TP size, starts from identical weights.
+        image_in, image_out = build_image_io(img, h, cfg.rms_norm_eps, seed)
         if pre_process:
             self.embedding = VocabParallelEmbedding(
                 self.padded_vocab, h, init_method=no_init, config=self.config, tp_group=pctx.tp_group
@@ -123,14 +123,13 @@ class LlamaFusion(nn.Module):
         if post_process:
             self.final_norm = RMSNorm(h, cfg.rms_norm_eps, dtype).to(device)
             # under SP it normalises this rank's tokens: partial grads, summed over TP (parallel/grads.py)
-            setattr(self.final_norm.weight, "sequence_parallel", pctx.sequence_parallel)
+            self.final_norm.weight.sequence_parallel = pctx.sequence_parallel
             self.lm_head = ColumnParallelLinear(
                 h, self.padded_vocab, config=self.config, init_method=no_init, bias=False,
                 gather_output=False, skip_bias_add=True, disable_grad_reduce=True, tp_group=pctx.tp_group,
             )
             self.image_out = image_out.to(device=device, dtype=dtype)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
-        self.input_tensor: Optional[torch.Tensor] = None
         self.activation_checkpointing = False
         # megatron-core allocates its shards on the GPU itself; routed norms, buffers and the
         # replicated modules follow them there (a no-op on CPU).
@@ -140,53 +139,6 @@ class LlamaFusion(nn.Module):
                 set_tensor_model_parallel_attributes(lin.weight, True, 0, 1)
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_hf_llama(
-        cls,
-        path: str,
-        *,
-        image: Optional[ImageConfig] = None,
-        pctx: Optional[ParallelContext] = None,
-        seed: int = 1234,
-        **model_overrides,
-    ) -> "LlamaFusion":
-        """Build from a HF Llama directory: text tower loaded (and frozen), image tower a copy.
-
-        In a plain Python process this sets up a one-rank process group itself;
-        inside an initialised TP group each rank loads only its shard.
-        """
-        from megafusion.checkpoint.hf_import import load_hf_llama, model_config_from_hf, read_hf_config
-
-        cfg = model_config_from_hf(read_hf_config(path), image=image, **model_overrides)
-        model = cls(cfg, pctx, seed=seed)
-        load_hf_llama(model, path)
-        model.init_image_tower_from_text()
-        model.freeze_text_tower()
-        return model
-
-    @classmethod
-    def from_pretrained(cls, path: str, *, pctx: Optional[ParallelContext] = None, seed: int = 1234) -> "LlamaFusion":
-        """Load a directory written by ``tools/export_hf.py``: the HF text tower plus the trained image side."""
-        import json
-        from pathlib import Path
-
-        from megafusion.checkpoint.export import CONFIG_FILE, IMAGE_FILE, load_image_side
-        from megafusion.checkpoint.hf_import import load_hf_llama
-        from megafusion.config.loader import config_from_dict
-
-        cfg_file = Path(path) / CONFIG_FILE
-        if not cfg_file.is_file():
-            raise ValueError(
-                f"{path}: no {CONFIG_FILE}, so no trained image tower; for a plain HF Llama use "
-                "LlamaFusion.from_hf_llama"
-            )
-        mcfg = config_from_dict({"model": json.loads(cfg_file.read_text())["model"]}).model
-        model = cls(mcfg, pctx, seed=seed)
-        load_hf_llama(model, path)
-        load_image_side(model, Path(path) / IMAGE_FILE)
-        model.freeze_text_tower()
-        return model
-
     def routed_modules(self) -> list[nn.Module]:
         return [m for m in self.modules() if isinstance(m, (RoutedColumnParallelLinear, RoutedRowParallelLinear))]
 
@@ -233,14 +185,8 @@ class LlamaFusion(nn.Module):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
-    # ------------------------------------------------------------------ pipeline API
-    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
-        """megatron-core schedules hand the previous stage's output here."""
-        if isinstance(tensor, (list, tuple)):
-            tensor = tensor[0]
-        self.input_tensor = tensor
-
-    def prepare(self, batch: FusionBatch, kv_cache: Optional["KVCache"] = None) -> ForwardState:
+    # ------------------------------------------------------------------ per micro-batch (every stage)
+    def prepare(self, batch: FusionBatch, kv_cache: Optional[KVCache] = None) -> ForwardState:
         """Routes, mask and RoPE tables for one micro-batch (every stage computes them).
 
         With ``kv_cache`` (inference) the batch holds only the new tokens: the mask is
@@ -347,7 +293,7 @@ class LlamaFusion(nn.Module):
             pred = self.image_out(image.reshape(n, -1, image.shape[-1]), batch.timesteps, skips)
         return FusionOutput(loss_sum, count, pred)
 
-    # ------------------------------------------------------------------ one-process API
+    # ------------------------------------------------------------------ whole model on one stage
     def forward(self, batch: FusionBatch, check: bool = True) -> FusionOutput:
         """Whole model on one pipeline stage: batch -> LM loss and predicted noise."""
         if not (self.pre_process and self.post_process):
@@ -389,7 +335,7 @@ class LlamaFusion(nn.Module):
 
     @torch.no_grad()
     def forward_cached(
-        self, batch: FusionBatch, kv_cache: "KVCache", logits: bool = True
+        self, batch: FusionBatch, kv_cache: KVCache, logits: bool = True
     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """New tokens against a KV cache -> (logits of each row's last token [b, vocab], predicted noise).
 
@@ -417,31 +363,6 @@ class LlamaFusion(nn.Module):
             _, image = routes.full.split(x.reshape(-1, x.shape[-1]))
             pred = self.image_out(image.reshape(batch.num_images, -1, image.shape[-1]), batch.timesteps, skips)
         return out_logits, pred
-
-    # ------------------------------------------------------------------ generation (megafusion.inference)
-    def generate_text(self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False, **kw):
-        """[b, s] prompt -> [b, s + n] prompt and new ids (KV cache; greedy, or temperature / top-p sampling)."""
-        from megafusion.inference.generate import generate_text
-
-        return generate_text(self, input_ids, max_new_tokens, do_sample, **kw)
-
-    def generate_images(self, prompt_ids, **kw) -> torch.Tensor:
-        """Caption ids -> sampled latents [n, C, H, W] (prefix cached across steps; DDIM/DDPM; optional CFG)."""
-        from megafusion.inference.generate import generate_images
-
-        return generate_images(self, prompt_ids, **kw)
-
-    def caption(self, latents: torch.Tensor, bos_token_id: int, **kw) -> list[list[int]]:
-        """Clean latents [n, C, H, W] -> caption ids per image."""
-        from megafusion.inference.generate import caption
-
-        return caption(self, latents, bos_token_id, **kw)
-
-    def generate_interleaved(self, input_ids, **kw):
-        """One prompt -> (ids with <BOI>/<EOI> where images were made, their latents)."""
-        from megafusion.inference.generate import generate_interleaved
-
-        return generate_interleaved(self, input_ids, **kw)
 
     def forward_embeddings(
         self,

@@ -9,7 +9,7 @@ allowed, so no row is empty (padding is just one more document).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

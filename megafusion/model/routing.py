@@ -39,7 +39,7 @@ class Route:
     inv_perm: Optional[torch.Tensor]
 
     @staticmethod
-    def from_modality(is_image: torch.Tensor, image_rows: Optional[torch.Tensor] = None) -> "Route":
+    def from_modality(is_image: torch.Tensor, image_rows: Optional[torch.Tensor] = None) -> Route:
         """Build from a bool vector [N] (True = image token).
 
         ``image_rows`` optionally gives the image rows in a chosen order (a
@@ -63,10 +63,10 @@ class Route:
         return Route(n, n_text, n_image, perm, inv_perm)
 
     @staticmethod
-    def all_text(num_tokens: int) -> "Route":
+    def all_text(num_tokens: int) -> Route:
         return Route(num_tokens, num_tokens, 0, None, None)
 
-    def narrow(self, start: int, length: int, is_image: torch.Tensor) -> "Route":
+    def narrow(self, start: int, length: int, is_image: torch.Tensor) -> Route:
         """Route of the contiguous row block [start, start+length) (a sequence-parallel shard)."""
         if self.num_image == 0:
             return Route.all_text(length)

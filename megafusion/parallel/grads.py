@@ -9,7 +9,7 @@ group before the optimizer sees them, as megatron-core's
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -104,7 +104,7 @@ class ParallelContext:
     sequence_parallel: bool = False
 
     @staticmethod
-    def current(sequence_parallel: bool = False) -> "ParallelContext":
+    def current(sequence_parallel: bool = False) -> ParallelContext:
         """Context for the megatron-core groups of this process (initialised beforehand)."""
         group = ps.get_tensor_model_parallel_group()
         size = dist.get_world_size(group)

@@ -22,32 +22,18 @@ checks the tiny preset's figure against the peak tensor memory of real CPU train
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from megafusion.config.schema import Config
+from megafusion.config.validate import config_problems
+from megafusion.parallel.layout import Layout, with_layout
 from megafusion.parallel.megatron_config import padded_vocab_size
+from megafusion.training.flops import image_io_flops_per_image, transformer_flops_per_step
 
 GIB = 2**30
 LAYER_COEF = {"const": -2154.0, "h": 11.61, "q": 11.61, "f": 6.238, "kv": 5.409}
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int
-    pp: int
-    dp: int
-    vpp: int = 1
-    sequence_parallel: bool = False
-    activation_checkpointing: bool = False
-    zero_stage: int = 1
-    micro_batch_size: int = 1
-
-    def __str__(self) -> str:
-        s = f"TP{self.tp} PP{self.pp}" + (f"xVPP{self.vpp}" if self.vpp > 1 else "") + f" DP{self.dp}"
-        return s + (" SP" if self.sequence_parallel else "") + (" AC" if self.activation_checkpointing else "") + \
-            f" ZeRO-{self.zero_stage} mb{self.micro_batch_size}"
 
 
 @dataclass
@@ -79,14 +65,6 @@ class StageMemory:
         fwd_bwd = self.activations + self.gradients if self.grads_during_forward else max(self.activations,
                                                                                            self.gradients)
         return static + self.bucket + max(fwd_bwd, self.gradients + self.step_transient)
-
-
-def layout_of(cfg: Config, world: int) -> Layout:
-    p = cfg.parallel
-    tp, pp = p.tensor_parallel, p.pipeline_parallel
-    dp = p.data_parallel if p.data_parallel > 0 else max(1, world // (tp * pp))
-    return Layout(tp, pp, dp, p.virtual_pipeline_stages or 1, p.sequence_parallel, p.activation_checkpointing,
-                  p.zero_stage, cfg.data.micro_batch_size)
 
 
 def _unet_params(cfg: Config) -> tuple[int, int]:
@@ -218,8 +196,6 @@ def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction:
 
 def step_flops(cfg: Config, image_fraction: float = 0.5) -> float:
     """Training FLOPs of one optimizer step (global batch, all ranks), as the trainer's MFU counts them."""
-    from megafusion.training.metrics import image_io_flops_per_image, transformer_flops_per_step
-
     seqs = cfg.data.global_batch_size
     tokens = seqs * cfg.data.seq_length
     image = int(tokens * image_fraction)
@@ -228,21 +204,26 @@ def step_flops(cfg: Config, image_fraction: float = 0.5) -> float:
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> list[Layout]:
-    """TP x PP (x DP) layouts the model can be split into on ``gpus`` GPUs (TP within a node)."""
-    m, d = cfg.model, cfg.data
+    """TP x PP (x DP) layouts the model can be trained in on ``gpus`` GPUs (TP within a node).
+
+    A layout is proposed only if ``config_problems`` accepts it (the rules every run is validated
+    against), with ZeRO-2 where those rules allow it and ZeRO-1 otherwise; sequence parallelism is
+    on whenever TP > 1.
+    """
+    m = cfg.model
     out = []
     for tp in (1, 2, 4, 8, 16):
-        if tp > gpus_per_node or m.num_attention_heads % tp or m.num_kv_heads % tp or m.ffn_hidden_size % tp:
+        if tp > gpus_per_node:
             continue
         for pp in range(1, min(m.num_layers, 32) + 1):
-            if m.num_layers % pp or gpus % (tp * pp):
-                continue
-            dp = gpus // (tp * pp)
-            if d.global_batch_size % (d.micro_batch_size * dp):
+            if gpus % (tp * pp):
                 continue
             for ac in (False, True):
-                zero = 1 if pp > 1 or d.global_batch_size != d.micro_batch_size * dp else 2
-                out.append(Layout(tp, pp, dp, 1, tp > 1, ac, zero, d.micro_batch_size))
+                for zero in (2, 1):  # stage 2 also partitions gradients: take it when it is valid
+                    lay = Layout(tp, pp, gpus // (tp * pp), 1, tp > 1, ac, zero, cfg.data.micro_batch_size)
+                    if not config_problems(with_layout(cfg, lay), world_size=gpus):
+                        out.append(lay)
+                        break
     return out
 
 
@@ -251,13 +232,6 @@ def fits(cfg: Config, lay: Layout, gpu_gib: float, dtype_bytes: int = 2, image_f
     """(fits, peak GiB): the worst stage's peak against ``headroom`` x the GPU (allocator slack, NCCL buffers)."""
     peak = max(sm.peak for sm in stage_memory(cfg, lay, dtype_bytes, image_fraction)) / GIB
     return peak <= gpu_gib * headroom, peak
-
-
-def with_layout(cfg: Config, lay: Layout) -> Config:
-    par = replace(cfg.parallel, tensor_parallel=lay.tp, pipeline_parallel=lay.pp, data_parallel=lay.dp,
-                  virtual_pipeline_stages=lay.vpp if lay.vpp > 1 else None, sequence_parallel=lay.sequence_parallel,
-                  activation_checkpointing=lay.activation_checkpointing, zero_stage=lay.zero_stage)
-    return replace(cfg, parallel=par, data=replace(cfg.data, micro_batch_size=lay.micro_batch_size))
 
 
 def mfu(cfg: Config, step_seconds: float, gpus: int, peak_tflops: float, image_fraction: float = 0.5) -> float:

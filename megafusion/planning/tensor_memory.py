@@ -40,14 +40,6 @@ class TensorMemoryTracker(TorchDispatchMode):
     def _free(self, key: int) -> None:
         self.current -= self._live.pop(key, 0)
 
-    def track(self, *tensors: torch.Tensor) -> None:
-        """Count tensors created before the block (e.g. loaded weights)."""
-        for t in tensors:
-            self._track(t)
-
-    def reset_peak(self) -> None:
-        self.peak = self.current
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:

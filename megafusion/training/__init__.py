@@ -1,1 +1,3 @@
-"""Training: the smoke run today; the megatron-scheduled DeepSpeed trainer comes with issue 4."""
+"""Training: pipeline stages for megatron-core's schedules (``stages``), the DeepSpeed ZeRO engine over
+the trainable parameters (``engine``), the trainer loop with checkpoints, resume and preemption
+(``trainer``), the learning-rate schedule, the FLOPs count (``flops``) and step metrics."""

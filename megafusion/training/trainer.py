@@ -14,35 +14,26 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megafusion.checkpoint.files import frozen_source_fingerprint, latest_checkpoint
+from megafusion.checkpoint.training_state import load_checkpoint, save_checkpoint
 from megafusion.config.schema import Config
 from megafusion.data.stream import LoaderStream, SyntheticStream, TrainItem
 from megafusion.parallel.grads import allreduce_sequence_parallel_grads
 from megafusion.parallel.process_groups import ParallelContext
-from megafusion.parallel.stages import broadcast_replica_weights, build_stage_models, sync_replica_grads
-from megafusion.parallel.zero import build_engine, optimizer_state_bytes
-from megafusion.training.checkpointing import (
-    frozen_source_fingerprint,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from megafusion.training.engine import build_engine, optimizer_state_bytes
+from megafusion.training.flops import image_io_flops_per_image, transformer_flops_per_step
 from megafusion.training.lr_schedule import learning_rate
-from megafusion.training.metrics import (
-    ScalarLogger,
-    StepStats,
-    image_io_flops_per_image,
-    peak_flops,
-    peak_memory_gb,
-    transformer_flops_per_step,
-)
+from megafusion.training.metrics import ScalarLogger, StepStats, peak_flops, peak_memory_gb
+from megafusion.training.stages import broadcast_replica_weights, build_stage_models, sync_replica_grads
 
 
 class NonFiniteError(RuntimeError):

@@ -27,8 +27,8 @@ def _worker(rank, world, overrides, hf_dir, run_dir):
 
 
 def test_converted_checkpoint_trains_like_hf(tmp_path):
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "base", seed=9)
     conv = tmp_path / "conv"
@@ -49,7 +49,7 @@ def test_converted_checkpoint_trains_like_hf(tmp_path):
 
 
 def _bad_layout_worker(rank, world, hf_dir, conv, run_dir):
-    from megafusion.training.checkpointing import CheckpointError
+    from megafusion.checkpoint.files import CheckpointError
 
     try:
         _worker(rank, world, [f"checkpoint.load={conv}"], hf_dir, run_dir)

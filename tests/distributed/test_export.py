@@ -36,8 +36,8 @@ def test_export_roundtrip(tmp_path):
     from transformers import LlamaForCausalLM
 
     from megafusion import LlamaFusion
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "base", seed=4)
     r = run_distributed(_train_then_predict, 2, str(tmp_path / "run"), str(hf))[0]

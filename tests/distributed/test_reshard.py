@@ -45,8 +45,8 @@ def _tool(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(hf dir, TP=2 x PP=2 checkpoint after CUT steps, reference losses of steps CUT+1..TOTAL)."""
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     tmp = tmp_path_factory.mktemp("reshard")
     hf = write_random_hf_llama(load_config("tiny").model, tmp / "base", seed=5)
@@ -93,8 +93,8 @@ def test_hf_to_tp2pp2_to_tp1pp1_export_is_bit_identical(tmp_path):
     from safetensors.torch import load_file
     from transformers import LlamaForCausalLM
 
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "base", seed=6)
     conv, resh = tmp_path / "tp2pp2", tmp_path / "tp1pp1"
@@ -134,8 +134,8 @@ def _corrupt(path: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncate", "flip"])
 def test_corrupted_shard_is_named(tmp_path, how):
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "base", seed=7)
     conv = tmp_path / "conv"
@@ -151,8 +151,8 @@ def test_corrupted_shard_is_named(tmp_path, how):
 
 
 def test_impossible_layout_is_refused(tmp_path):
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "base", seed=8)
     conv = tmp_path / "conv"

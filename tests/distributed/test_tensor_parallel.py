@@ -77,8 +77,8 @@ def test_tp2_matches_tp1_and_transformers(tiny_hf, tp1_reference, sequence_paral
     grad_keys = [k for k in tp1_reference if k.startswith("grad/")]
     assert grad_keys == [k for k in r0 if k.startswith("grad/")]
     for k in grad_keys:
-        torch.testing.assert_close(r0[k], tp1_reference[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
-        torch.testing.assert_close(r1[k], r0[k], atol=1e-6, rtol=1e-5, msg=lambda m: f"{k} rank1: {m}")
+        torch.testing.assert_close(r0[k], tp1_reference[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(r1[k], r0[k], atol=1e-6, rtol=1e-5, msg=lambda m, k=k: f"{k} rank1: {m}")
     # gradients are not trivially zero, and frozen weights got none
     assert r0["grad/layers.1.qkv.image.weight"].abs().sum() > 0
     assert r0["grad/image_in.conv_in.weight"].abs().sum() > 0

@@ -30,7 +30,7 @@ def _repeated_batch_worker(rank, world, run_dir, hf_dir):
 
 
 def _nonfinite_worker(rank, world, run_dir, hf_dir, overrides):
-    from megafusion.training.checkpointing import latest_checkpoint
+    from megafusion.checkpoint.files import latest_checkpoint
     from megafusion.training.trainer import NonFiniteError
 
     trainer = _trainer(run_dir, hf_dir, overrides)
@@ -70,7 +70,8 @@ def _nonfinite_worker(rank, world, run_dir, hf_dir, overrides):
 
 
 def _corruption_worker(rank, world, run_dir, hf_dir):
-    from megafusion.training.checkpointing import CheckpointError, latest_checkpoint, load_checkpoint
+    from megafusion.checkpoint.files import CheckpointError, latest_checkpoint
+    from megafusion.checkpoint.training_state import load_checkpoint
 
     trainer = _trainer(run_dir, hf_dir)
     trainer.run(1)
@@ -104,8 +105,8 @@ def test_truncated_or_flipped_shards_are_named(base, tmp_path):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     return str(write_random_hf_llama(load_config("tiny").model, tmp_path_factory.mktemp("b") / "llama", seed=7))
 

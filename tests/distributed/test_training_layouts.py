@@ -38,7 +38,7 @@ def _train_worker(rank, world, overrides, hf_dir, run_dir):
     trainer = Trainer(cfg, hf_dir, log=lambda s: None)
     initial = _full_weights(trainer)
     history = trainer.run(STEPS)
-    from megafusion.parallel.zero import optimizer_state_bytes
+    from megafusion.training.engine import optimizer_state_bytes
 
     inner = trainer.optimizer.optimizer
     moments = sum(v.numel() * v.element_size() for st in inner.state.values() for k, v in st.items()
@@ -61,8 +61,8 @@ def _merge(results):
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     return str(write_random_hf_llama(load_config("tiny").model, tmp_path_factory.mktemp("base") / "llama", seed=3))
 
@@ -86,7 +86,7 @@ def test_layout_matches_single_rank(tiny_base, reference, tmp_path, world, overr
     final = _merge(results)
     assert set(final) == set(reference["final"])
     for name, ref in reference["final"].items():
-        torch.testing.assert_close(final[name], ref, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(final[name], ref, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_text_tower_frozen_image_side_learns(reference):
@@ -107,11 +107,10 @@ def _reference_adamw(hf_dir, overrides, dp, steps):
     """Plain torch: same model, same micro-batches of every DP rank, mean loss, clip 1.0, AdamW."""
     from megafusion.config import load_config
     from megafusion.data.stream import SyntheticStream
-    from megafusion.parallel.process_groups import init_model_parallel
-    from megafusion.parallel.stages import build_stage_models
-    from megafusion.parallel.zero import param_groups
-    from megafusion.parallel.process_groups import ParallelContext
+    from megafusion.parallel.process_groups import ParallelContext, init_model_parallel
+    from megafusion.training.engine import param_groups
     from megafusion.training.lr_schedule import learning_rate
+    from megafusion.training.stages import build_stage_models
 
     cfg = load_config("tiny", BASE + overrides)
     init_model_parallel(1, 1)
@@ -156,7 +155,7 @@ def test_zero_dp2_matches_torch_adamw(tiny_base, tmp_path, overrides):
         torch.testing.assert_close(r["losses"], ref["losses"], atol=1e-5, rtol=1e-5)
     for name, want in ref["final"].items():
         torch.testing.assert_close(results[0]["final"][name], want, atol=2e-5, rtol=1e-4,
-                                   msg=lambda m: f"{name}: {m}")
+                                   msg=lambda m, name=name: f"{name}: {m}")
         assert torch.equal(results[0]["final"][name], results[1]["final"][name]), f"DP replicas differ: {name}"
     # optimizer state: Adam moments of exactly half the trainable params per rank, so none for frozen weights
     n = results[0]["trainable_numel"].item()
@@ -182,15 +181,15 @@ def test_transfusion_baseline_tp2_matches_single_rank(tiny_base, transfusion_ref
     final = _merge(results)
     assert set(final) == set(ref["final"])
     for name, want in ref["final"].items():
-        torch.testing.assert_close(final[name], want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(final[name], want, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     for name in ("embedding.weight", "layers.0.qkv.text.weight", "layers.1.down.text.weight",
                  "layers.0.gate_up.norm.text", "final_norm.weight", "lm_head.weight"):
         assert not torch.equal(ref["initial"][name], ref["final"][name]), f"{name} did not train"
     # its TP=2 checkpoint holds the trained text tower and loads at TP=1 (vocab shards re-padded) for inference
+    from megafusion.api import load_for_inference
     from megafusion.checkpoint.gather import gather_full
-    from megafusion.inference.load import load_for_inference
 
     loaded = gather_full(load_for_inference(tmp_path / "checkpoints").model)
     assert set(loaded) == set(final)
     for name, want in final.items():
-        torch.testing.assert_close(loaded[name], want, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(loaded[name], want, atol=0, rtol=0, msg=lambda m, name=name: f"{name}: {m}")

@@ -33,7 +33,7 @@ def _run(cmd, timeout=300):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} hung for {timeout}s:\n{out[-2000:]}\n{err[-2000:]}")
+        raise AssertionError(f"{' '.join(cmd)} hung for {timeout}s:\n{out[-2000:]}\n{err[-2000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -120,8 +120,8 @@ def test_demo_refuses_a_geometry_the_shipped_vae_lacks(tmp_path):
 
 
 def test_sample_refuses_a_model_without_image_tower(tmp_path):
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "hf")
     r = _run([sys.executable, "tools/sample.py", "--checkpoint", str(hf), "--out", str(tmp_path / "o"),

@@ -49,8 +49,8 @@ def data(tmp_path_factory):
     """3 generated shards of 20 good samples + 1 shard of 5 good and 6 bad members; a tiny VAE."""
     import webdataset as wds
 
-    from megafusion.checkpoint.tiny_vae import write_random_vae
-    from megafusion.data.shapes import samples, write_shards
+    from megafusion.demo.shapes import samples, write_shards
+    from megafusion.demo.tiny_vae import write_random_vae
 
     root = tmp_path_factory.mktemp("precompute")
     write_shards(root / "in", 60, shard_size=20, seed=11, size=48)
@@ -196,7 +196,7 @@ def _loader_cfg(latents_dir, tok, workers):
 @pytest.mark.slow
 def test_loader_ranks_and_workers_cover_the_dataset_once_and_resume_exactly(data, latents_dir, tmp_path):
     from megafusion.data.loader import make_loader
-    from megafusion.data.tiny_tokenizer import write_word_tokenizer
+    from megafusion.demo.tokenizer import write_word_tokenizer
 
     tok = write_word_tokenizer(tmp_path / "tok")
     cfg = _loader_cfg(latents_dir, tok, workers=2)
@@ -225,7 +225,7 @@ def test_loader_mixes_text_only_shards_at_the_configured_ratio(latents_dir, tmp_
 
     from megafusion.config import load_config
     from megafusion.data.loader import make_loader
-    from megafusion.data.tiny_tokenizer import write_word_tokenizer
+    from megafusion.demo.tokenizer import write_word_tokenizer
 
     tok = write_word_tokenizer(tmp_path / "tok")
     with wds.TarWriter(str(tmp_path / "text-000000.tar")) as w:
@@ -256,7 +256,7 @@ def test_captioning_pairs_get_capped_noise(latents_dir, tmp_path):
 
     from megafusion.config import load_config
     from megafusion.data.stream import LoaderStream
-    from megafusion.data.tiny_tokenizer import write_word_tokenizer
+    from megafusion.demo.tokenizer import write_word_tokenizer
 
     tok = write_word_tokenizer(tmp_path / "tok")
     cfg = load_config("tiny", [f"data.path={latents_dir}/latents-*.tar", f"data.tokenizer={tok}",
@@ -281,7 +281,7 @@ def test_captioning_pairs_get_capped_noise(latents_dir, tmp_path):
 def test_loader_errors_name_the_problem(latents_dir, tmp_path):
     from megafusion.config import load_config
     from megafusion.data.loader import LatentSequenceDataset
-    from megafusion.data.tiny_tokenizer import write_word_tokenizer
+    from megafusion.demo.tokenizer import write_word_tokenizer
 
     tok = write_word_tokenizer(tmp_path / "tok")
     # 65 samples cannot feed 100 slots

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megafusion.training.checkpointing import CheckpointError, latest_checkpoint
+from megafusion.checkpoint.files import CheckpointError, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
@@ -66,8 +66,8 @@ def _run_until(cmd, pattern: str, sig: int, timeout: float = 300):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
 
     return write_random_hf_llama(load_config("tiny").model, tmp_path_factory.mktemp("base") / "llama", seed=5)
 

@@ -4,7 +4,13 @@ import pytest
 import yaml
 
 from megafusion.config import (
-    ConfigError, config_from_dict, config_problems, config_to_dict, dump_config, list_presets, load_config,
+    ConfigError,
+    config_from_dict,
+    config_problems,
+    config_to_dict,
+    dump_config,
+    list_presets,
+    load_config,
     validate_config,
 )
 

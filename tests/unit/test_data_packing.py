@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from megafusion.data.packing import Packer, SpecialTokens, make_document, rows_to_batch
-from megafusion.data.shapes import read_attributes, samples
+from megafusion.demo.shapes import read_attributes, samples
 
 SP = SpecialTokens(bos=2, eos=3, pad=0, boi=510, eoi=511)
 LAT = np.ones((4, 2, 2), dtype=np.float16)

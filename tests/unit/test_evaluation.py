@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megafusion.data.shapes import COLORS, POSITIONS, SHAPES, caption_for, draw_shape, parse_caption
+from megafusion.demo.shapes import COLORS, POSITIONS, SHAPES, caption_for, draw_shape, parse_caption
 
 
 def test_parse_caption_inverts_caption_for_and_refuses_ambiguity():
@@ -27,7 +27,7 @@ def _samples(tmp_path, drawn, captions):
 
 
 def test_scores_count_exactly_the_matching_attributes(tmp_path):
-    from megafusion.evaluation import caption_scores, generation_scores
+    from megafusion.demo.evaluation import caption_scores, generation_scores
 
     a = {"color": "red", "shape": "circle", "position": "top left"}
     b = {"color": "blue", "shape": "square", "position": "center"}
@@ -48,11 +48,11 @@ def test_scores_count_exactly_the_matching_attributes(tmp_path):
 
 def test_fusion_text_perplexity_equals_the_base_llamas(tmp_path):
     from megafusion import LlamaFusion
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
-    from megafusion.data.tiny_tokenizer import write_word_tokenizer
-    from megafusion.evaluation import fusion_perplexity
-    from megafusion.training.base_lm import perplexity, text_corpus
+    from megafusion.demo.base_lm import perplexity, text_corpus
+    from megafusion.demo.evaluation import fusion_perplexity
+    from megafusion.demo.tiny_llama import write_random_hf_llama
+    from megafusion.demo.tokenizer import write_word_tokenizer
 
     cfg = load_config("tiny")
     hf = write_random_hf_llama(cfg.model, tmp_path / "hf", seed=3)
@@ -68,7 +68,7 @@ def test_fusion_text_perplexity_equals_the_base_llamas(tmp_path):
 def test_report_has_the_scores_and_a_loss_plot(tmp_path):
     from PIL import Image
 
-    from megafusion.report import write_report
+    from megafusion.demo.report import write_report
 
     for name in ("llamafusion", "transfusion"):
         (tmp_path / name / "train").mkdir(parents=True)

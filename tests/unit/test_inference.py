@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from megafusion.inference.kv_cache import KVCache
 from megafusion.model.batch import FusionBatch
+from megafusion.model.kv_cache import KVCache
 from tests.helpers import TINY_IMAGE, make_tiny_hf_llama
 
 BOI, EOI, BOS, EOS = 297, 298, 1, 2

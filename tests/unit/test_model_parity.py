@@ -76,7 +76,7 @@ def test_image_tower_changes_never_touch_text_outputs(tiny_hf):
     ids = torch.randint(0, 298, (2, 33), generator=torch.Generator().manual_seed(5))  # no <BOI>/<EOI>
     with torch.no_grad():
         before = m.text_logits(ids)
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p))
         after = m.text_logits(ids)

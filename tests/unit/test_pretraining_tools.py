@@ -18,8 +18,8 @@ def test_trained_vae_reconstructs_what_the_checker_reads(tmp_path):
     """Reconstructions keep colour, shape and position (read from pixels); a random VAE's do not."""
     from diffusers import AutoencoderKL
 
-    from megafusion.checkpoint.tiny_vae import write_random_vae
-    from megafusion.training.vae_training import reconstruction_accuracy
+    from megafusion.demo.tiny_vae import write_random_vae
+    from megafusion.demo.vae_training import reconstruction_accuracy
 
     r = _tool("tools/train_vae.py", "--out", str(tmp_path / "vae"), "--image-size", "32", "--steps", "600")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -41,7 +41,7 @@ def test_shipped_vae_reconstructs_and_records_how_it_was_made():
     import torch
     from diffusers import AutoencoderKL
 
-    from megafusion.training.vae_training import reconstruction_accuracy, shapes_batch
+    from megafusion.demo.vae_training import reconstruction_accuracy, shapes_batch
 
     folder = ROOT / "megafusion" / "assets" / "shapes_vae"
     made = json.loads((folder / "training.json").read_text())
@@ -58,10 +58,10 @@ def test_shipped_vae_reconstructs_and_records_how_it_was_made():
 def test_base_llama_learns_the_caption_language(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from megafusion.checkpoint.tiny_llama import write_random_hf_llama
     from megafusion.config import load_config
-    from megafusion.data.tiny_tokenizer import write_word_tokenizer
-    from megafusion.training.base_lm import perplexity, text_corpus
+    from megafusion.demo.base_lm import perplexity, text_corpus
+    from megafusion.demo.tiny_llama import write_random_hf_llama
+    from megafusion.demo.tokenizer import write_word_tokenizer
 
     tok = write_word_tokenizer(tmp_path / "tok")
     r = _tool("tools/train_base_llama.py", "--tokenizer", str(tok), "--out", str(tmp_path / "base"), "--config",

@@ -39,7 +39,7 @@ def test_each_tower_sees_only_its_tokens(tiny_hf, monkeypatch):
     import torch.nn.functional as F
 
     from megafusion import LlamaFusion
-    from megafusion.parallel import routed_linear
+    from megafusion.model import routed_linear
     from tests.helpers import TINY_IMAGE, mixed_batch
 
     m = LlamaFusion.from_hf_llama(str(tiny_hf), image=TINY_IMAGE)

@@ -58,7 +58,7 @@ def test_shared_gradient_is_sum_of_tower_gradients(tiny_hf):
         if twin is not None:
             ref = ref + f[twin].grad
             checked += 1
-        torch.testing.assert_close(p.grad, ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, ref, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     assert checked == 6 * 2  # qkv/o/gate_up/down weights + 2 norms, in each of the 2 layers
     assert shared.embedding.weight.grad.abs().sum() > 0 and shared.lm_head.weight.grad.abs().sum() > 0
     assert shard_kind("layers.0.qkv.text.weight") == "qkv"

@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from megafusion.data.shapes import parse_caption, read_attributes
+from megafusion.demo.shapes import parse_caption, read_attributes
 
 ATTRS = ("color", "shape", "position")
 
@@ -50,6 +50,6 @@ def caption_scores(samples_dir: str | Path, truth: dict[str, dict]) -> dict[str,
 
 def fusion_perplexity(model, tokenizer, texts: list[str]) -> float:
     """Perplexity of a LlamaFusion's text path (text-only input) on texts, each <s> text </s>."""
-    from megafusion.training.base_lm import sequence_perplexity
+    from megafusion.demo.base_lm import sequence_perplexity
 
     return sequence_perplexity(model.text_logits, tokenizer, texts)

@@ -21,24 +21,19 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.enums import ModelType
 
+from megafusion.checkpoint.build import build_llamafusion
+from megafusion.checkpoint.gather import REPLICA
+from megafusion.checkpoint.hf_import import model_config_from_hf, read_hf_config
 from megafusion.config.schema import Config
-from megafusion.model.image_io import build_image_in
-from megafusion.model.llamafusion import LlamaFusion
+from megafusion.diffusion.objective import diffusion_mse, total_loss
+from megafusion.model.image_io import build_image_io
+from megafusion.model.llamafusion import LlamaFusionModel
 from megafusion.parallel.grads import flat_collective
+from megafusion.parallel.layout import layer_ids_for_chunk
 from megafusion.parallel.process_groups import ParallelContext
-
-REPLICA = "skip_encoder_replica"
-
-
-def layer_ids_for_chunk(num_layers: int, pp: int, vpp: int, pp_rank: int, chunk: int) -> list[int]:
-    """Global layer indices of virtual chunk ``chunk`` on pipeline rank ``pp_rank`` (megatron-core order)."""
-    per = num_layers // (pp * vpp)
-    start = chunk * (num_layers // vpp) + pp_rank * per
-    return list(range(start, start + per))
 
 
 class StageModule(nn.Module):
@@ -49,7 +44,7 @@ class StageModule(nn.Module):
     last one. The schedules need ``config``, ``model_type`` and ``set_input_tensor``.
     """
 
-    def __init__(self, core: LlamaFusion, cfg: Config, with_replica: bool):
+    def __init__(self, core: LlamaFusionModel, cfg: Config, with_replica: bool):
         super().__init__()
         self.core = core
         self.config = core.config
@@ -57,10 +52,8 @@ class StageModule(nn.Module):
         self.loss_weight = cfg.diffusion.loss_weight
         self.pre_process, self.post_process = core.pre_process, core.post_process
         self.cfg = core.cfg
-        if with_replica:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed)  # same init as the first stage's down-sampler
-                replica = build_image_in(core.cfg.image, core.cfg.hidden_size)
+        if with_replica:  # same weights as the first stage's down-sampler (same seeded builder)
+            replica, _ = build_image_io(core.cfg.image, core.cfg.hidden_size, core.cfg.rms_norm_eps, cfg.seed)
             dev = next(core.parameters()).device
             self.add_module(REPLICA, replica.to(device=dev, dtype=core.params_dtype))
         self.input_tensor: Optional[torch.Tensor] = None
@@ -85,19 +78,14 @@ class StageModule(nn.Module):
             _, skips = getattr(self, REPLICA)(batch.latents.to(x.dtype), batch.timesteps)
         out = core.heads(x, batch, state, skips)
         lm = out.lm_loss
-        if out.image_pred is not None:
-            diff = F.mse_loss(out.image_pred.float(), noise.float())
-        else:
-            diff = lm.new_zeros(())
-        loss = lm + self.loss_weight * diff
+        diff = diffusion_mse(out.image_pred, noise, lm)
+        loss = total_loss(lm, diff, self.loss_weight)
         # clones: megatron-core divides the returned loss in place by the number of micro-batches
         return loss, {"loss": loss.detach().clone(), "lm_loss": lm.detach().clone(), "diffusion_loss": diff.detach().clone()}
 
 
 def build_stage_models(cfg: Config, hf_dir: str, pctx: ParallelContext) -> list[StageModule]:
     """This rank's chunk(s), text tower loaded from ``hf_dir`` (its TP shard, its layers only)."""
-    from megafusion.checkpoint.hf_import import load_hf_llama, model_config_from_hf, read_hf_config
-
     m = cfg.model
     mcfg = model_config_from_hf(
         read_hf_config(hf_dir), image=m.image, boi_token_id=m.boi_token_id, eoi_token_id=m.eoi_token_id,
@@ -117,13 +105,10 @@ def build_stage_models(cfg: Config, hf_dir: str, pctx: ParallelContext) -> list[
     for chunk in range(vpp):
         first = pp_rank == 0 and chunk == 0
         last = pp_rank == pp - 1 and chunk == vpp - 1
-        core = LlamaFusion(
-            mcfg, pctx, pre_process=first, post_process=last, seed=cfg.seed, pipeline_parallel=pp,
+        core = build_llamafusion(
+            mcfg, pctx, hf_dir, seed=cfg.seed, pre_process=first, post_process=last, pipeline_parallel=pp,
             layer_ids=layer_ids_for_chunk(mcfg.num_layers, pp, vpp, pp_rank, chunk),
         )
-        load_hf_llama(core, hf_dir)
-        core.init_image_tower_from_text()
-        core.freeze_text_tower()
         core.activation_checkpointing = cfg.parallel.activation_checkpointing
         if vpp > 1:
             core.config.virtual_pipeline_model_parallel_size = vpp

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 
 
 def shapes_vocabulary() -> list[str]:
-    from megafusion.data.shapes import COLORS, POSITIONS, SHAPES
+    from megafusion.demo.shapes import COLORS, POSITIONS, SHAPES
 
     words = {"a", "at", "the", "in", "of", "image", "picture", "shows", "there", "is", "."}
     for c in COLORS:

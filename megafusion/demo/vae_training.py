@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from megafusion.data.shapes import COLORS, POSITIONS, SHAPES, draw_shape, read_attributes
+from megafusion.demo.shapes import COLORS, POSITIONS, SHAPES, draw_shape, read_attributes
+from megafusion.durable import publish
 
 
 def build_vae(downsample: int = 4, latent_channels: int = 4, channels: int = 32):
@@ -93,11 +94,7 @@ def train_vae(out_dir: str | Path, image_size: int = 32, downsample: int = 4, la
     acc = reconstruction_accuracy(vae, image_size)
     tmp = out.with_name(out.name + ".tmp")
     vae.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish(tmp, out)
     info = {"accuracy": acc, "scaling_factor": scaling, "seconds": round(time.time() - t0, 1)}
     log(f"[vae] reconstructions read back: colour {acc['color']:.2f} shape {acc['shape']:.2f} "
         f"position {acc['position']:.2f}; scaling_factor {scaling:.3f}; saved {out}")

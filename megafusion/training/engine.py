@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state as ps
 
+from megafusion.checkpoint.gather import REPLICA
 from megafusion.config.schema import Config
 
 
@@ -58,8 +59,6 @@ def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters split by weight decay; tied replicas (weights broadcast, not optimized) excluded."""
-    from megafusion.parallel.stages import REPLICA
-
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad or REPLICA in name:

@@ -26,32 +26,31 @@ loading never unpickles anything.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import yaml
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from megafusion.config.loader import config_from_dict, dump_config
+from megafusion.checkpoint.files import (
+    INDEX,
+    LATEST,
+    CheckpointError,
+    file_digest,
+    verify_file,
+    write_json,
+)
+from megafusion.checkpoint.tensor_file import TensorFile
+from megafusion.config.loader import dump_config
 from megafusion.config.schema import Config
-from megafusion.durable import fsync_path
+from megafusion.durable import fsync_path, publish, write_text
 
-LATEST = "latest"
-INDEX = "index.json"
 ADAM_STATES = ("master", "exp_avg", "exp_avg_sq")  # what a ZeRO partition holds per parameter
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not match this run's layout."""
 
 
 def _layout() -> dict[str, int]:
@@ -65,78 +64,6 @@ def _layout() -> dict[str, int]:
 
 def _ranks() -> tuple[int, int, int]:
     return ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_digest(path: Path) -> dict[str, Any]:
-    """Size and sha256 of a file, plus shape/dtype of every tensor for safetensors files."""
-    entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            entry["tensors"] = {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": f.get_slice(k).get_dtype()}
-                                for k in f.keys()}
-    return entry
-
-
-def verify_file(root: Path, rel: str, index: dict[str, Any]) -> None:
-    """Raise CheckpointError naming the file if it is missing, truncated or corrupted."""
-    path = root / rel
-    want = index.get(rel)
-    if want is None:
-        raise CheckpointError(f"{path}: not listed in {root / INDEX}")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (listed in {INDEX})")
-    size = path.stat().st_size
-    if size != want["bytes"]:
-        raise CheckpointError(f"{path}: {size} bytes, the index says {want['bytes']} (truncated or overwritten)")
-    digest = _sha256(path)
-    if digest != want["sha256"]:
-        raise CheckpointError(f"{path}: sha256 {digest[:12]}... differs from the index's "
-                              f"{want['sha256'][:12]}... (corrupted)")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
-def frozen_source_fingerprint(hf_dir: str | Path) -> dict[str, Any]:
-    """Path and file sizes of the HF directory the frozen text tower is reloaded from."""
-    files = {p.name: p.stat().st_size for p in sorted(Path(hf_dir).glob("*"))
-             if p.suffix in (".safetensors", ".json") and p.is_file()}
-    return {"path": str(hf_dir), "files": files}
-
-
-def read_checkpoint_files(path: str | Path) -> tuple[dict[str, Any], dict[str, Any], Config]:
-    """meta.json, index.json and config.yaml of a complete checkpoint folder (errors name what is missing)."""
-    path = Path(path)
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{path} is not a complete megafusion checkpoint (no meta.json)")
-    if not (path / INDEX).is_file():
-        raise CheckpointError(f"{path}: no {INDEX} (written by an older megafusion); cannot verify its shards")
-    meta = json.loads((path / "meta.json").read_text())
-    index = json.loads((path / INDEX).read_text())
-    return meta, index, config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
-
-
-def latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
-    """The complete checkpoint ``latest`` points to, or None."""
-    pointer = Path(save_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text().strip()
-    path = Path(save_dir) / name
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint (no meta.json)")
-    return path
 
 
 def _optimizer_tensors(optimizer, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -197,7 +124,7 @@ def save_checkpoint(
     tensors, ometa = _optimizer_tensors(optimizer, model)
     stem = f"optim/tp{tp}_pp{pp}_dp{dp}"
     save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / (stem + ".safetensors")))
-    _write_json(tmp / (stem + ".json"), ometa)
+    write_json(tmp / (stem + ".json"), ometa)
     written += [stem + ".safetensors", stem + ".json"]
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -211,19 +138,14 @@ def save_checkpoint(
     dist.all_gather_object(gathered, digests)
     if rank == 0:
         index = {k: v for part in gathered for k, v in part.items()}
-        _write_json(tmp / INDEX, index)
+        write_json(tmp / INDEX, index)
         dump_config(cfg, tmp / "config.yaml")
-        _write_json(tmp / "meta.json", {"step": step, "layout": _layout(), "time": time.time(),
+        write_json(tmp / "meta.json", {"step": step, "layout": _layout(), "time": time.time(),
                                          "world_size": dist.get_world_size(), **extra})
         for small in (INDEX, "meta.json", "config.yaml"):
             fsync_path(tmp / small)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(save_dir)
-        pointer_tmp = save_dir / (LATEST + ".tmp")
-        pointer_tmp.write_text(name + "\n")
-        os.replace(pointer_tmp, save_dir / LATEST)
+        publish(tmp, final)
+        write_text(save_dir / LATEST, name + "\n")
         done = sorted(p for p in save_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[:-keep] if keep > 0 else []:
             if old != final:  # never the folder `latest` now points to
@@ -295,8 +217,6 @@ def load_universal_partition(optimizer, model: torch.nn.Module, path: Path, meta
     at the end, and split evenly over DP; this rank owns ``[r * P, (r + 1) * P)``. Each
     parameter overlapping that range contributes one flat read per state.
     """
-    from megafusion.checkpoint.tensor_file import TensorFile
-
     names = {id(p): n for n, p in model.named_parameters()}
     inner = optimizer.optimizer
     r = ps.get_data_parallel_rank()

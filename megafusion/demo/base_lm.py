@@ -13,13 +13,14 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from megafusion.config.schema import ModelConfig
-from megafusion.data.shapes import COLORS, POSITIONS, SHAPES, caption_for
+from megafusion.demo.shapes import COLORS, POSITIONS, SHAPES, caption_for
+from megafusion.durable import publish
 
 _TEMPLATES = (
     "{cap} .",
@@ -81,7 +82,7 @@ def train_base_llama(out_dir: str | Path, tokenizer_dir: str | Path, m: ModelCon
     """Train and save (atomically) a LlamaForCausalLM with ``m``'s dimensions; returns {"perplexity", ...}."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from megafusion.checkpoint.tiny_llama import hf_llama_config
+    from megafusion.demo.tiny_llama import hf_llama_config
 
     out = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
@@ -112,9 +113,7 @@ def train_base_llama(out_dir: str | Path, tokenizer_dir: str | Path, m: ModelCon
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish(tmp, out)
     ppl = perplexity(out, out, held_out)
     log(f"[base-llama] held-out perplexity {ppl:.3f}; saved {out}")
     return {"perplexity": ppl, "seconds": round(time.time() - t0, 1)}

@@ -72,7 +72,7 @@ class RoutedNorm(nn.Module):
         for tower in towers(shared):
             p = nn.Parameter(torch.ones(size, dtype=dtype))
             # Under SP each rank normalises its own tokens only: grads are partial over TP.
-            setattr(p, "sequence_parallel", sequence_parallel)
+            p.sequence_parallel = sequence_parallel
             setattr(self, tower, p)
         self.image_tower = "text" if shared else "image"  # the weight image tokens use
 

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from megafusion.config.schema import ModelConfig
+from megafusion.durable import publish
 
 MAX_RANDOM_PARAMS = 50_000_000
 
@@ -31,11 +32,12 @@ def hf_llama_config(cfg: ModelConfig, **extra):
 
 
 def write_random_hf_llama(cfg: ModelConfig, path: str | Path, seed: int = 0,
-                          max_params: Optional[int] = MAX_RANDOM_PARAMS) -> Path:
+                          max_params: Optional[int] = MAX_RANDOM_PARAMS, norm_noise: float = 0.0) -> Path:
     """Save a random LlamaForCausalLM with cfg's dimensions (safetensors) to ``path`` unless one is there.
 
     ``max_params`` guards against building a preset-sized random model by mistake
-    (benchmarks raise it; None = no limit).
+    (benchmarks raise it; None = no limit). ``norm_noise`` > 0 sets every RMSNorm weight to
+    1 + norm_noise x N(0, 1) (HF initialises them to 1), so tests see per-tower norms matter.
     """
     from transformers import LlamaForCausalLM
 
@@ -52,7 +54,12 @@ def write_random_hf_llama(cfg: ModelConfig, path: str | Path, seed: int = 0,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(hf_cfg)
+        if norm_noise:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.endswith("norm.weight"):
+                        p.copy_(1.0 + norm_noise * torch.randn_like(p))
     tmp = path.with_name(path.name + ".tmp")
     model.save_pretrained(tmp)
-    tmp.rename(path)
+    publish(tmp, path)
     return path

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
+from megafusion.demo.vae_training import build_vae
+from megafusion.durable import publish
+
 
 def write_random_vae(path: str | Path, downsample: int = 4, latent_channels: int = 4, seed: int = 0) -> Path:
     """Save a random-weight AutoencoderKL whose spatial factor is ``downsample`` (a power of two)."""
-    from megafusion.training.vae_training import build_vae
-
     path = Path(path)
     if (path / "config.json").is_file():
         return path
@@ -19,5 +20,5 @@ def write_random_vae(path: str | Path, downsample: int = 4, latent_channels: int
         vae = build_vae(downsample, latent_channels)
     tmp = path.with_name(path.name + ".tmp")
     vae.save_pretrained(tmp)
-    tmp.rename(path)
+    publish(tmp, path)
     return path
