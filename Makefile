@@ -2,7 +2,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test test-fast bench
+.PHONY: install demo test test-fast lint bench
 
 install:
 	$(PIP) install -q -e ".[test]"
@@ -18,6 +18,12 @@ test: install
 # Everything but the slow end-to-end tests.
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow" tests
+
+# Layering contracts (pyproject.toml [tool.importlinter]) and ruff lint + format check; CI runs it before the tests.
+lint: install
+	lint-imports
+	ruff check .
+	ruff format --check .
 
 bench: install
 	$(PYTHON) benchmarks/bench_routing.py

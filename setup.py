@@ -27,5 +27,5 @@ setup(
     packages=find_packages(include=["megafusion", "megafusion.*", "launcher", "launcher.*"]),
     package_data={"megafusion.config": ["presets/*.yaml"], "megafusion": ["assets/shapes_vae/*"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.0.3", "pytest-timeout==2.4.0"]},
+    extras_require={"test": ["pytest==9.0.3", "pytest-timeout==2.4.0", "ruff==0.17.5", "import-linter==2.16"]},
 )

@@ -44,14 +44,25 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     write_shards(root / "in", args.samples, shard_size=max(1, args.samples // 8), size=64)
     vae = write_random_vae(root / "vae", downsample=4)
-    run(str(root / "in" / "*.tar"), str(root / "lat"), str(vae), CacheOptions(resolution=32, batch_size=32), 2,
-        log=lambda s: None)
+    run(
+        str(root / "in" / "*.tar"),
+        str(root / "lat"),
+        str(vae),
+        CacheOptions(resolution=32, batch_size=32),
+        2,
+        log=lambda s: None,
+    )
     import ray
 
     ray.shutdown()
     tok = write_word_tokenizer(root / "tok")
-    base = [f"data.path={root}/lat/latents-*.tar", f"data.tokenizer={tok}", f"logging.run_dir={root}/run",
-            "logging.tensorboard=false", "checkpoint.interval=1000000"]
+    base = [
+        f"data.path={root}/lat/latents-*.tar",
+        f"data.tokenizer={tok}",
+        f"logging.run_dir={root}/run",
+        "logging.tensorboard=false",
+        "checkpoint.interval=1000000",
+    ]
 
     rates = {}
     for workers in (0, args.workers):
@@ -66,8 +77,9 @@ def main() -> None:
     from megafusion.training.trainer import Trainer
 
     # consumption on synthetic batches of the same shape, so the loader cannot cap what is measured
-    cfg = load_config("tiny", [f"logging.run_dir={root}/run", "logging.tensorboard=false",
-                               "checkpoint.interval=1000000"])
+    cfg = load_config(
+        "tiny", [f"logging.run_dir={root}/run", "logging.tensorboard=false", "checkpoint.interval=1000000"]
+    )
     hf = write_random_hf_llama(cfg.model, root / "llama")
     init_model_parallel(1, 1)
     trainer = Trainer(cfg, str(hf), log=lambda s: None)
@@ -78,8 +90,10 @@ def main() -> None:
         trainer.train_step()
     consumed = steps * cfg.data.global_batch_size / (time.perf_counter() - t0)
     shutil.rmtree(root, ignore_errors=True)
-    print(f"tiny preset: seq {cfg.data.seq_length}, micro-batch {cfg.data.micro_batch_size}, "
-          f"global batch {cfg.data.global_batch_size}; {args.samples} shapes samples")
+    print(
+        f"tiny preset: seq {cfg.data.seq_length}, micro-batch {cfg.data.micro_batch_size}, "
+        f"global batch {cfg.data.global_batch_size}; {args.samples} shapes samples"
+    )
     for w, r in rates.items():
         print(f"  loader, {w} workers   {r:8.1f} sequences/s")
     print(f"  training consumes    {consumed:8.1f} sequences/s (synthetic batches of the same shape)")

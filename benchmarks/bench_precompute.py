@@ -69,8 +69,10 @@ def main() -> None:
         rates[workers] = summary["out"] / (time.perf_counter() - t0)
     ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
-    print(f"{args.images} images at {args.resolution}px in {args.shards} shards, tiny AutoencoderKL (f=8), "
-          f"batch {args.batch_size}, 1 thread per encoder")
+    print(
+        f"{args.images} images at {args.resolution}px in {args.shards} shards, tiny AutoencoderKL (f=8), "
+        f"batch {args.batch_size}, 1 thread per encoder"
+    )
     print(f"  plain loop      {plain:8.1f} images/s")
     print(f"  ray, 1 worker   {rates[1]:8.1f} images/s")
     print(f"  ray, 2 workers  {rates[2]:8.1f} images/s")

@@ -99,19 +99,47 @@ def main() -> None:
     from megafusion.demo.tiny_llama import write_random_hf_llama
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_reshard_"))
-    dims = [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", f"model.ffn_hidden_size={args.ffn}",
-            f"model.num_attention_heads={args.hidden // 64}", f"model.num_kv_heads={args.hidden // 128}"]
+    dims = [
+        f"model.hidden_size={args.hidden}",
+        f"model.num_layers={args.layers}",
+        f"model.ffn_hidden_size={args.ffn}",
+        f"model.num_attention_heads={args.hidden // 64}",
+        f"model.num_kv_heads={args.hidden // 128}",
+    ]
     cfg = load_config("tiny", dims)
     hf = write_random_hf_llama(cfg.model, work / "base", seed=0, max_params=None)
     run = work / "run"
-    print(f"[bench] training one step at TP=2 to get a checkpoint ({args.hidden} hidden, {args.layers} layers)...",
-          flush=True)
+    print(
+        f"[bench] training one step at TP=2 to get a checkpoint ({args.hidden} hidden, {args.layers} layers)...",
+        flush=True,
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29533", "-m", "launcher.train",
-                    "--config", "tiny", *dims, "parallel.tensor_parallel=2", "optim.train_steps=1",
-                    "data.seq_length=64", "data.micro_batch_size=1", "data.global_batch_size=2",
-                    "logging.tensorboard=false", f"logging.run_dir={run}", f"checkpoint.hf_llama={hf}"],
-                   cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "launcher.train",
+            "--config",
+            "tiny",
+            *dims,
+            "parallel.tensor_parallel=2",
+            "optim.train_steps=1",
+            "data.seq_length=64",
+            "data.micro_batch_size=1",
+            "data.global_batch_size=2",
+            "logging.tensorboard=false",
+            f"logging.run_dir={run}",
+            f"checkpoint.hf_llama={hf}",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     ckpt = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     size = _bytes(ckpt)
     index = json.loads((ckpt / "index.json").read_text())
@@ -128,29 +156,41 @@ def main() -> None:
         nonlocal largest_out
         out = work / f"resharded{i}"
         child = _CHILD.format(root=str(ROOT), src=str(ckpt), out=str(out))
-        res = json.loads(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True,
-                                        env=env).stdout.strip().splitlines()[-1])
+        res = json.loads(
+            subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True, env=env)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         reshards.append(res["seconds"])
         peaks.append((res["peak_kib"] - res["base_kib"]) * 1024)
         largest_out = max(f.stat().st_size for f in out.rglob("*.safetensors"))
         shutil.rmtree(out)
 
     for i in range(args.repeats):  # alternate which goes first; start each from a clean page cache state
-        for op in ((copy_once, reshard_once) if i % 2 == 0 else (reshard_once, copy_once)):
+        for op in (copy_once, reshard_once) if i % 2 == 0 else (reshard_once, copy_once):
             os.sync()
             time.sleep(1.0)
             op(i)
     copy_gbs, reshard_gbs = size / min(copies) / 1e9, size / min(reshards) / 1e9
     budget = 2 * largest + largest_out
-    print(f"checkpoint {size / 2**20:.0f} MiB ({len(index)} files), largest tensor {largest / 2**20:.1f} MiB, "
-          f"largest output shard {largest_out / 2**20:.0f} MiB")
-    print(f"copy     : {copy_gbs:.2f} GB/s (best of {args.repeats}: {min(copies):.2f} s; all {[round(c, 2) for c in copies]})")
-    print(f"reshard  : {reshard_gbs:.2f} GB/s (best of {args.repeats}: {min(reshards):.2f} s; all "
-          f"{[round(r, 2) for r in reshards]}), TP=2 -> TP=1 DP=2")
+    print(
+        f"checkpoint {size / 2**20:.0f} MiB ({len(index)} files), largest tensor {largest / 2**20:.1f} MiB, "
+        f"largest output shard {largest_out / 2**20:.0f} MiB"
+    )
+    print(
+        f"copy     : {copy_gbs:.2f} GB/s (best of {args.repeats}: {min(copies):.2f} s; "
+        f"all {[round(c, 2) for c in copies]})"
+    )
+    print(
+        f"reshard  : {reshard_gbs:.2f} GB/s (best of {args.repeats}: {min(reshards):.2f} s; all "
+        f"{[round(r, 2) for r in reshards]}), TP=2 -> TP=1 DP=2"
+    )
     print(f"ratio reshard/copy = {reshard_gbs / copy_gbs:.3f}  (target >= 0.5)")
     peak = max(peaks)
-    print(f"peak RSS above imports {peak / 2**20:.0f} MiB vs budget 2 x largest tensor + largest output shard "
-          f"{budget / 2**20:.0f} MiB: ratio {peak / budget:.3f} (target <= 1); checkpoint/peak = {size / peak:.1f}")
+    print(
+        f"peak RSS above imports {peak / 2**20:.0f} MiB vs budget 2 x largest tensor + largest output shard "
+        f"{budget / 2**20:.0f} MiB: ratio {peak / budget:.3f} (target <= 1); checkpoint/peak = {size / peak:.1f}"
+    )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -39,9 +39,16 @@ from megafusion.model.rope import apply_rope  # noqa: E402
 
 def build(hidden: int, heads: int, kv_heads: int, ffn: int) -> LlamaFusion:
     cfg = ModelConfig(
-        vocab_size=1024, hidden_size=hidden, num_layers=1, num_attention_heads=heads, num_kv_heads=kv_heads,
-        ffn_hidden_size=ffn, rope_scaling=RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 8192),
-        boi_token_id=1022, eoi_token_id=1023, params_dtype="float32",
+        vocab_size=1024,
+        hidden_size=hidden,
+        num_layers=1,
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        ffn_hidden_size=ffn,
+        rope_scaling=RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 8192),
+        boi_token_id=1022,
+        eoi_token_id=1023,
+        params_dtype="float32",
         image=ImageConfig(image_size=32, vae_downsample=4, patch_size=2, unet_channels=32, timestep_embed_dim=64),
     )
     model = LlamaFusion(cfg)
@@ -124,8 +131,10 @@ def main() -> None:
         "routed": lambda: routed_step(model, x, st_mixed),
         "select": lambda: select_step(model, x, st_mixed, is_image),
     }
-    print(f"one layer: hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, ffn {args.ffn}, "
-          f"{args.tokens} tokens ({frac:.0%} image), fp32, {torch.get_num_threads()} threads")
+    print(
+        f"one layer: hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, ffn {args.ffn}, "
+        f"{args.tokens} tokens ({frac:.0%} image), fp32, {torch.get_num_threads()} threads"
+    )
     times: dict[str, list[float]] = {k: [] for k in variants}
     for it in range(args.iters + 1):  # first round is warm-up
         for name, fn in variants.items():

@@ -38,31 +38,53 @@ def main() -> None:
     from megafusion.config.schema import ImageConfig, ModelConfig
 
     torch.manual_seed(0)
-    image = ImageConfig(image_size=128, vae_downsample=4, latent_channels=4, io="unet", patch_size=2,
-                        unet_channels=64, timestep_embed_dim=128)
-    cfg = ModelConfig(vocab_size=4096, hidden_size=args.hidden, num_layers=args.layers,
-                      num_attention_heads=args.hidden // 64, num_kv_heads=args.hidden // 128,
-                      ffn_hidden_size=int(args.hidden * 2.75), boi_token_id=4094, eoi_token_id=4095, image=image,
-                      max_position_embeddings=4096)
+    image = ImageConfig(
+        image_size=128,
+        vae_downsample=4,
+        latent_channels=4,
+        io="unet",
+        patch_size=2,
+        unet_channels=64,
+        timestep_embed_dim=128,
+    )
+    cfg = ModelConfig(
+        vocab_size=4096,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_kv_heads=args.hidden // 128,
+        ffn_hidden_size=int(args.hidden * 2.75),
+        boi_token_id=4094,
+        eoi_token_id=4095,
+        image=image,
+        max_position_embeddings=4096,
+    )
     model = LlamaFusion(cfg)
     model.init_random_text_tower()
     model.init_image_tower_from_text()
     model.eval()
-    print(f"[bench] {args.layers} layers x {args.hidden} hidden, {image.tokens_per_image} image tokens, "
-          f"batch {args.batch}, {args.steps} DDIM steps, {torch.get_num_threads()} threads")
+    print(
+        f"[bench] {args.layers} layers x {args.hidden} hidden, {image.tokens_per_image} image tokens, "
+        f"batch {args.batch}, {args.steps} DDIM steps, {torch.get_num_threads()} threads"
+    )
     for length in args.prompts:
-        prompts = [[1] + torch.randint(3, 4000, (length - 1,), generator=torch.Generator().manual_seed(i)).tolist()
-                   for i in range(args.batch)]
+        prompts = [
+            [1] + torch.randint(3, 4000, (length - 1,), generator=torch.Generator().manual_seed(i)).tolist()
+            for i in range(args.batch)
+        ]
         best = {}
         for use_cache in (True, False, True, False)[: 2 * args.repeats]:
             t0 = time.perf_counter()
-            model.generate_images(prompts, num_steps=args.steps, use_cache=use_cache,
-                                  generator=torch.Generator().manual_seed(0))
+            model.generate_images(
+                prompts, num_steps=args.steps, use_cache=use_cache, generator=torch.Generator().manual_seed(0)
+            )
             dt = time.perf_counter() - t0
             best[use_cache] = min(best.get(use_cache, float("inf")), dt)
         cached, full = args.steps / best[True], args.steps / best[False]
-        print(f"prompt {length:4d} tokens: cached {cached:6.2f} steps/s, full {full:6.2f} steps/s, "
-              f"ratio cached/full = {cached / full:.2f}" + ("  (target >= 1.8)" if length == 256 else ""))
+        print(
+            f"prompt {length:4d} tokens: cached {cached:6.2f} steps/s, full {full:6.2f} steps/s, "
+            f"ratio cached/full = {cached / full:.2f}" + ("  (target >= 1.8)" if length == 256 else "")
+        )
 
 
 if __name__ == "__main__":

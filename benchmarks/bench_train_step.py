@@ -48,14 +48,27 @@ def main() -> None:
     from megafusion.training.trainer import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    cfg = load_config("tiny", [
-        f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}", f"model.ffn_hidden_size={args.ffn}",
-        "model.num_attention_heads=8", "model.num_kv_heads=4", f"model.vocab_size={args.vocab}",
-        f"model.boi_token_id={args.vocab - 2}", f"model.eoi_token_id={args.vocab - 1}",
-        f"data.seq_length={args.seq}", f"data.micro_batch_size={args.micro}",
-        f"data.global_batch_size={args.micro}", "logging.tensorboard=false", f"logging.run_dir={tmp}",
-        "checkpoint.interval=1000000", "model.image.image_size=64", "model.image.unet_channels=32",
-    ])
+    cfg = load_config(
+        "tiny",
+        [
+            f"model.hidden_size={args.hidden}",
+            f"model.num_layers={args.layers}",
+            f"model.ffn_hidden_size={args.ffn}",
+            "model.num_attention_heads=8",
+            "model.num_kv_heads=4",
+            f"model.vocab_size={args.vocab}",
+            f"model.boi_token_id={args.vocab - 2}",
+            f"model.eoi_token_id={args.vocab - 1}",
+            f"data.seq_length={args.seq}",
+            f"data.micro_batch_size={args.micro}",
+            f"data.global_batch_size={args.micro}",
+            "logging.tensorboard=false",
+            f"logging.run_dir={tmp}",
+            "checkpoint.interval=1000000",
+            "model.image.image_size=64",
+            "model.image.unet_channels=32",
+        ],
+    )
     hf_dir = write_random_hf_llama(cfg.model, tmp / "llama", seed=0)
     init_model_parallel(1, 1)
     trainer = Trainer(cfg, str(hf_dir), log=lambda s: None)
@@ -87,24 +100,38 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     tokens = args.micro * args.seq
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"dims: hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab {args.vocab}; "
-          f"{tokens} tokens/step ({img_share:.0%} image tokens in the fusion batch), fp32, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"dims: hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab {args.vocab}; "
+        f"{tokens} tokens/step ({img_share:.0%} image tokens in the fusion batch), fp32, "
+        f"{torch.get_num_threads()} threads"
+    )
     for k in ("fusion", "dense"):
         print(f"  {k:<6} step {med[k] * 1000:8.1f} ms  {tokens / med[k]:8.0f} tok/s")
     print(f"ratio step time fusion/dense = {med['fusion'] / med['dense']:.3f}   (target <= 1.0)")
 
     trainable = sum(p.numel() for p in trainer.trainable_parameters())
-    moments = sum(v.numel() * v.element_size() for st in trainer.optimizer.optimizer.state.values()
-                  for key, v in st.items() if key in ("exp_avg", "exp_avg_sq"))
-    dense_moments = sum(v.numel() * v.element_size() for st in dense_opt.state.values()
-                        for key, v in st.items() if key in ("exp_avg", "exp_avg_sq"))
+    moments = sum(
+        v.numel() * v.element_size()
+        for st in trainer.optimizer.optimizer.state.values()
+        for key, v in st.items()
+        if key in ("exp_avg", "exp_avg_sq")
+    )
+    dense_moments = sum(
+        v.numel() * v.element_size()
+        for st in dense_opt.state.values()
+        for key, v in st.items()
+        if key in ("exp_avg", "exp_avg_sq")
+    )
     all_params = sum(p.numel() for p in dense.parameters())
-    print(f"optimizer state (Adam moments) per rank: fusion {moments / 2**20:.2f} MiB vs all-trainable "
-          f"{dense_moments / 2**20:.2f} MiB -> ratio {moments / dense_moments:.3f}; "
-          f"trainable params {trainable / 1e6:.2f}M, moments = 8 bytes x trainable: {moments == 8 * trainable}")
-    print(f"  (fusion also keeps a {(optimizer_state_bytes(trainer.optimizer) - moments) / 2**20:.2f} MiB fp32 "
-          f"master partition of the trainable weights; dense baseline params {all_params / 1e6:.2f}M)")
+    print(
+        f"optimizer state (Adam moments) per rank: fusion {moments / 2**20:.2f} MiB vs all-trainable "
+        f"{dense_moments / 2**20:.2f} MiB -> ratio {moments / dense_moments:.3f}; "
+        f"trainable params {trainable / 1e6:.2f}M, moments = 8 bytes x trainable: {moments == 8 * trainable}"
+    )
+    print(
+        f"  (fusion also keeps a {(optimizer_state_bytes(trainer.optimizer) - moments) / 2**20:.2f} MiB fp32 "
+        f"master partition of the trainable weights; dense baseline params {all_params / 1e6:.2f}M)"
+    )
 
 
 if __name__ == "__main__":

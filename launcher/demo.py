@@ -78,29 +78,63 @@ def held_out(run: Path, n: int, seed: int = 777) -> tuple[list[str], list[str]]:
 
 def _sample_cmd(run: Path, model_dir: Path, tp: int, args, prompts: list[str], images: list[str]) -> list[str]:
     """tools/sample.py on a model's last checkpoint: images from prompts, captions of fresh images, a text."""
-    return [*_launch(tp), "tools/sample.py", "--tp", str(tp), "--checkpoint", str(model_dir / "train" / "checkpoints"),
-            "--vae", str(run / "vae"), "--tokenizer", str(run / "tokenizer"), "--out", str(model_dir / "samples"),
-            "--steps", str(args.sample_steps), "--guidance", str(args.guidance), "--prompts", *prompts,
-            "--images", *images, "--text", "a red", "--max-new-tokens", "8"]
+    return [
+        *_launch(tp),
+        "tools/sample.py",
+        "--tp",
+        str(tp),
+        "--checkpoint",
+        str(model_dir / "train" / "checkpoints"),
+        "--vae",
+        str(run / "vae"),
+        "--tokenizer",
+        str(run / "tokenizer"),
+        "--out",
+        str(model_dir / "samples"),
+        "--steps",
+        str(args.sample_steps),
+        "--guidance",
+        str(args.guidance),
+        "--prompts",
+        *prompts,
+        "--images",
+        *images,
+        "--text",
+        "a red",
+        "--max-new-tokens",
+        "8",
+    ]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/demo")
     ap.add_argument("--samples", type=int, default=2000, help="image-caption pairs in the dataset")
-    ap.add_argument("--steps", type=int, default=None, help="training steps of each model (default: the demo "
-                    "preset's optim.train_steps)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps of each model (default: the demo preset's optim.train_steps)",
+    )
     ap.add_argument("--nproc", type=int, default=2, help="training processes")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of training (1 = DP over --nproc)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the Transfusion-style baseline")
     ap.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the samples")
     ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the samples")
-    ap.add_argument("--train-vae", action="store_true", help="train the VAE with tools/train_vae.py instead of "
-                    "copying the shipped one (which that tool made with its defaults)")
+    ap.add_argument(
+        "--train-vae",
+        action="store_true",
+        help="train the VAE with tools/train_vae.py instead of "
+        "copying the shipped one (which that tool made with its defaults)",
+    )
     ap.add_argument("--vae-steps", type=int, default=800, help="training steps of the VAE (with --train-vae)")
     ap.add_argument("--lm-steps", type=int, default=300, help="pretraining steps of the base Llama")
-    ap.add_argument("--eval-samples", type=int, default=60, help="prompts and images to score (60 = every "
-                    "colour x shape x position)")
+    ap.add_argument(
+        "--eval-samples",
+        type=int,
+        default=60,
+        help="prompts and images to score (60 = every colour x shape x position)",
+    )
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo preset, for both models")
     args = ap.parse_args(argv)
 
@@ -118,55 +152,162 @@ def main(argv=None) -> int:
         shipped = json.loads((SHIPPED_VAE / "config.json").read_text())
         down = 2 ** (len(shipped["block_out_channels"]) - 1)
         if (down, shipped["latent_channels"]) != (img.vae_downsample, img.latent_channels):
-            raise SystemExit(f"[demo] the shipped VAE has vae_downsample={down}, latent_channels="
-                             f"{shipped['latent_channels']}; the config asks for model.image.vae_downsample="
-                             f"{img.vae_downsample}, model.image.latent_channels={img.latent_channels}: add --train-vae")
+            raise SystemExit(
+                f"[demo] the shipped VAE has vae_downsample={down}, latent_channels="
+                f"{shipped['latent_channels']}; the config asks for model.image.vae_downsample="
+                f"{img.vae_downsample}, model.image.latent_channels={img.latent_channels}: add --train-vae"
+            )
     prompts, images = held_out(run, args.eval_samples)  # the same for both models; checks --eval-samples up front
     times: dict[str, float] = {}
     data = run / "data" / "shapes"
     if not list(data.glob("*.tar")):
-        times["dataset"] = _stage("dataset", [sys.executable, "tools/make_shapes_dataset.py", "--output", str(data),
-                                              "--num", str(args.samples), "--shard-size", "500", "--size", "64"])
+        times["dataset"] = _stage(
+            "dataset",
+            [
+                sys.executable,
+                "tools/make_shapes_dataset.py",
+                "--output",
+                str(data),
+                "--num",
+                str(args.samples),
+                "--shard-size",
+                "500",
+                "--size",
+                "64",
+            ],
+        )
     if copy_vae:
         print(f"[demo] vae: copying the shipped {SHIPPED_VAE.relative_to(ROOT)} (--train-vae trains one)", flush=True)
         shutil.copytree(SHIPPED_VAE, vae)
     if not (vae / "config.json").is_file():
-        times["vae"] = _stage("vae", [sys.executable, "tools/train_vae.py", "--out", str(vae), "--image-size",
-                                      str(img.image_size), "--downsample", str(img.vae_downsample),
-                                      "--latent-channels", str(img.latent_channels), "--steps", str(args.vae_steps)])
+        times["vae"] = _stage(
+            "vae",
+            [
+                sys.executable,
+                "tools/train_vae.py",
+                "--out",
+                str(vae),
+                "--image-size",
+                str(img.image_size),
+                "--downsample",
+                str(img.vae_downsample),
+                "--latent-channels",
+                str(img.latent_channels),
+                "--steps",
+                str(args.vae_steps),
+            ],
+        )
     write_word_tokenizer(tok)
     if not (base / "config.json").is_file():
-        times["base llama"] = _stage("base llama", [sys.executable, "tools/train_base_llama.py", "--tokenizer",
-                                                    str(tok), "--out", str(base), "--config", "tiny", "--steps",
-                                                    str(args.lm_steps)])
-    times["convert"] = _stage("convert", [sys.executable, "tools/convert_hf_llama.py", "--hf-dir", str(base), "--out",
-                                          str(conv), "--tp", str(CONVERT_TP), "--pp", "1", "--config", "demo",
-                                          *args.overrides])
+        times["base llama"] = _stage(
+            "base llama",
+            [
+                sys.executable,
+                "tools/train_base_llama.py",
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(base),
+                "--config",
+                "tiny",
+                "--steps",
+                str(args.lm_steps),
+            ],
+        )
+    times["convert"] = _stage(
+        "convert",
+        [
+            sys.executable,
+            "tools/convert_hf_llama.py",
+            "--hf-dir",
+            str(base),
+            "--out",
+            str(conv),
+            "--tp",
+            str(CONVERT_TP),
+            "--pp",
+            "1",
+            "--config",
+            "demo",
+            *args.overrides,
+        ],
+    )
     start = conv
     if args.tp != CONVERT_TP:
         start = run / f"converted_tp{args.tp}"
-        times["reshard"] = _stage("reshard", [sys.executable, "tools/reshard_checkpoint.py", "--in", str(conv),
-                                              "--out", str(start), "--tp", str(args.tp), "--pp", "1", "--dp",
-                                              str(args.nproc // args.tp), "--no-progress"])
+        times["reshard"] = _stage(
+            "reshard",
+            [
+                sys.executable,
+                "tools/reshard_checkpoint.py",
+                "--in",
+                str(conv),
+                "--out",
+                str(start),
+                "--tp",
+                str(args.tp),
+                "--pp",
+                "1",
+                "--dp",
+                str(args.nproc // args.tp),
+                "--no-progress",
+            ],
+        )
     latents = run / "data" / "latents"
-    times["latents"] = _stage("latents", [
-        sys.executable, "tools/precompute_latents.py", "--input", str(data / "shapes-*.tar"), "--output", str(latents),
-        "--vae", str(vae), "--resolution", str(img.image_size), "--batch-size", "64", "--num-workers", "2"])
+    times["latents"] = _stage(
+        "latents",
+        [
+            sys.executable,
+            "tools/precompute_latents.py",
+            "--input",
+            str(data / "shapes-*.tar"),
+            "--output",
+            str(latents),
+            "--vae",
+            str(vae),
+            "--resolution",
+            str(img.image_size),
+            "--batch-size",
+            "64",
+            "--num-workers",
+            "2",
+        ],
+    )
 
     models = {"llamafusion": [f"checkpoint.load={start}"]}
     if not args.no_baseline:  # from the base Llama itself: the conversion holds the recipe's image tower
         models["transfusion"] = ["model.architecture=transfusion"]
     for name, own in models.items():
         out = run / name
-        train = [f"data.path={latents}/latents-*.tar", f"data.tokenizer={tok}", f"logging.run_dir={out}/train",
-                 f"checkpoint.hf_llama={base}", *extra, *own]
-        times[f"train {name}"] = _stage(f"train {name}", [*_launch(args.nproc), "-m", "launcher.train", "--config",
-                                                          "demo", *train])
+        train = [
+            f"data.path={latents}/latents-*.tar",
+            f"data.tokenizer={tok}",
+            f"logging.run_dir={out}/train",
+            f"checkpoint.hf_llama={base}",
+            *extra,
+            *own,
+        ]
+        times[f"train {name}"] = _stage(
+            f"train {name}", [*_launch(args.nproc), "-m", "launcher.train", "--config", "demo", *train]
+        )
         times[f"sample {name}"] = _stage(f"sample {name}", _sample_cmd(run, out, args.tp, args, prompts, images))
-        times[f"evaluate {name}"] = _stage(f"evaluate {name}", [
-            sys.executable, "tools/evaluate.py", "--samples", str(out / "samples"), "--truth",
-            str(run / "held_out" / "truth.json"), "--checkpoint", str(out / "train" / "checkpoints"), "--base-llama",
-            str(base), "--out", str(out / "metrics.json")])
+        times[f"evaluate {name}"] = _stage(
+            f"evaluate {name}",
+            [
+                sys.executable,
+                "tools/evaluate.py",
+                "--samples",
+                str(out / "samples"),
+                "--truth",
+                str(run / "held_out" / "truth.json"),
+                "--checkpoint",
+                str(out / "train" / "checkpoints"),
+                "--base-llama",
+                str(base),
+                "--out",
+                str(out / "metrics.json"),
+            ],
+        )
     from megafusion.demo.report import write_report
 
     metrics = {name: json.loads((run / name / "metrics.json").read_text()) for name in models}

@@ -35,12 +35,16 @@ def _rank() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launcher.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m launcher.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--config", required=True, help="preset name (tiny, llama3-8b-fusion, ...) or YAML path")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    ap.add_argument("--check", action="store_true",
-                    help="only validate the config for this world size (WORLD_SIZE/SLURM_NTASKS) and exit")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate the config for this world size (WORLD_SIZE/SLURM_NTASKS) and exit",
+    )
     args = ap.parse_args(argv)
 
     from megafusion.config import ConfigError, dump_config, load_config, validate_config
@@ -59,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = _rank()
     if rank == 0:
         dump_config(cfg, run_dir / "config.yaml")
-        print(f"[launcher] config {cfg.name!r} valid for world size {world}; resolved config -> {run_dir / 'config.yaml'}",
-              flush=True)
+        print(
+            f"[launcher] config {cfg.name!r} valid for world size {world}; "
+            f"resolved config -> {run_dir / 'config.yaml'}",
+            flush=True,
+        )
 
     import torch.distributed as dist
 
@@ -74,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             write_random_hf_llama(cfg.model, hf_dir, seed=cfg.seed)
             print(f"[launcher] checkpoint.hf_llama unset: using a random-weight HF Llama in {hf_dir}", flush=True)
-    init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                        cfg.parallel.virtual_pipeline_stages, backend=default_backend())
+    init_model_parallel(
+        cfg.parallel.tensor_parallel,
+        cfg.parallel.pipeline_parallel,
+        cfg.parallel.virtual_pipeline_stages,
+        backend=default_backend(),
+    )
     dist.barrier()
     trainer = Trainer(cfg, hf_dir, log=lambda s: print(s, flush=True))
     trainer.install_signal_handlers()
@@ -90,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         code = 3
         history = trainer.history
     if rank == 0 and history:
-        print(f"[launcher] {len(history)} steps in {time.time() - t0:.1f}s, loss {history[0].loss:.4f} -> "
-              f"{history[-1].loss:.4f}; run folder {run_dir}", flush=True)
+        print(
+            f"[launcher] {len(history)} steps in {time.time() - t0:.1f}s, loss {history[0].loss:.4f} -> "
+            f"{history[-1].loss:.4f}; run folder {run_dir}",
+            flush=True,
+        )
     dist.barrier()
     dist.destroy_process_group()
     return code

@@ -16,24 +16,53 @@ import torch
 from megafusion.config.schema import ImageConfig
 
 TINY_IMAGE = ImageConfig(
-    image_size=32, vae_downsample=4, latent_channels=4, io="unet", patch_size=2, unet_channels=32,
+    image_size=32,
+    vae_downsample=4,
+    latent_channels=4,
+    io="unet",
+    patch_size=2,
+    unet_channels=32,
     timestep_embed_dim=64,
 )
 
 
-def make_tiny_hf_llama(path: str | Path, *, vocab: int = 300, hidden: int = 64, layers: int = 2, heads: int = 4,
-                       kv_heads: int = 2, ffn: int = 96, tie: bool = False, seed: int = 0,
-                       rope_scaling: bool = True) -> Path:
+def make_tiny_hf_llama(
+    path: str | Path,
+    *,
+    vocab: int = 300,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 96,
+    tie: bool = False,
+    seed: int = 0,
+    rope_scaling: bool = True,
+) -> Path:
     """A random-weight HF Llama (GQA, llama3 rope scaling, non-trivial norms) saved with save_pretrained
     (safetensors), through the demo's writer."""
     from megafusion.config.schema import ModelConfig, RopeScalingConfig
     from megafusion.demo.tiny_llama import write_random_hf_llama
 
-    rope = dict(rope_theta=500000.0, rope_scaling=RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 32)) if rope_scaling \
+    rope = (
+        dict(rope_theta=500000.0, rope_scaling=RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 32))
+        if rope_scaling
         else dict(rope_theta=10000.0, rope_scaling=RopeScalingConfig("none"))
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_attention_heads=heads,
-                      num_kv_heads=kv_heads, ffn_hidden_size=ffn, max_position_embeddings=512, rms_norm_eps=1e-5,
-                      tie_word_embeddings=tie, boi_token_id=vocab - 2, eoi_token_id=vocab - 1, **rope)
+    )
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_attention_heads=heads,
+        num_kv_heads=kv_heads,
+        ffn_hidden_size=ffn,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        boi_token_id=vocab - 2,
+        eoi_token_id=vocab - 1,
+        **rope,
+    )
     return write_random_hf_llama(cfg, path, seed=seed, norm_noise=0.1)
 
 
@@ -67,8 +96,9 @@ def _free_port() -> int:
 
 
 def _worker(fn, rank, world, port, out_dir, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     try:
         result = fn(rank, world, *args)

@@ -73,8 +73,14 @@ def start() -> dict:
         raise Unavailable(f"{CONF} exists and was not written by these tests; not touching a real cluster")
     CONF.parent.mkdir(parents=True, exist_ok=True)
     CONF.write_text(_conf(host, cpus))
-    for d, owner in (("/run/munge", "munge"), ("/var/log/munge", "munge"), ("/var/lib/munge", "munge"),
-                     ("/var/spool/slurmctld", "root"), ("/var/spool/slurmd", "root"), ("/var/log/slurm", "root")):
+    for d, owner in (
+        ("/run/munge", "munge"),
+        ("/var/log/munge", "munge"),
+        ("/var/lib/munge", "munge"),
+        ("/var/spool/slurmctld", "root"),
+        ("/var/spool/slurmd", "root"),
+        ("/var/log/slurm", "root"),
+    ):
         Path(d).mkdir(parents=True, exist_ok=True)
         shutil.chown(d, owner, owner)
     if not Path("/etc/munge/munge.key").exists():

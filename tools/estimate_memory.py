@@ -27,7 +27,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="preset name or YAML")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    ap.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: TP x PP x data_parallel, or TP x PP)")
+    ap.add_argument(
+        "--gpus", type=int, default=None, help="GPUs in the job (default: TP x PP x data_parallel, or TP x PP)"
+    )
     ap.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameter dtype")
     ap.add_argument("--image-fraction", type=float, default=0.5, help="share of sequence tokens that are image tokens")
@@ -48,8 +50,10 @@ def main(argv=None) -> int:
     p = cfg.parallel
     gpus = args.gpus or p.tensor_parallel * p.pipeline_parallel * max(1, p.data_parallel)
     if gpus % (p.tensor_parallel * p.pipeline_parallel):
-        print(f"error: --gpus {gpus} is not a multiple of TP x PP = {p.tensor_parallel * p.pipeline_parallel}",
-              file=sys.stderr)
+        print(
+            f"error: --gpus {gpus} is not a multiple of TP x PP = {p.tensor_parallel * p.pipeline_parallel}",
+            file=sys.stderr,
+        )
         return 2
     nbytes = 2 if args.dtype == "bfloat16" else 4
     lay = layout_of(cfg, gpus)
@@ -58,8 +62,10 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{cfg.name}: {lay} on {gpus} GPUs of {args.gpu_gb:g} GiB, {args.dtype} parameters, seq {cfg.data.seq_length}, "
-          f"global batch {cfg.data.global_batch_size}")
+    print(
+        f"{cfg.name}: {lay} on {gpus} GPUs of {args.gpu_gb:g} GiB, {args.dtype} parameters, seq {cfg.data.seq_length}, "
+        f"global batch {cfg.data.global_batch_size}"
+    )
     cols = ("stage", "frozen", "trainable", "grads", "optimizer", "bucket", "activations", "peak")
     print("  ".join(f"{c:>12s}" for c in cols))
     for sm in stages:
@@ -67,12 +73,18 @@ def main(argv=None) -> int:
         print(f"{sm.stage:>12s}  " + "  ".join(f"{human(v):>12s}" for v in vals))
     peak = max(sm.peak for sm in stages)
     ok = peak <= 0.9 * args.gpu_gb * GIB
-    print(f"peak {peak / GIB:.1f} GiB per GPU: {'fits' if ok else 'does NOT fit'} {args.gpu_gb:g} GiB "
-          f"(90% usable)")
+    print(f"peak {peak / GIB:.1f} GiB per GPU: {'fits' if ok else 'does NOT fit'} {args.gpu_gb:g} GiB (90% usable)")
     flops = step_flops(cfg, args.image_fraction)
-    print(f"FLOPs per step {flops:.3e} ({flops / gpus:.3e} per GPU)"
-          + (f"; MFU at {args.step_time:g} s/step: {100 * mfu(cfg, args.step_time, gpus, args.peak_tflops, args.image_fraction):.1f}%"
-             f" of {args.peak_tflops:g} TFLOP/s" if args.step_time else ""))
+    print(
+        f"FLOPs per step {flops:.3e} ({flops / gpus:.3e} per GPU)"
+        + (
+            f"; MFU at {args.step_time:g} s/step: "
+            f"{100 * mfu(cfg, args.step_time, gpus, args.peak_tflops, args.image_fraction):.1f}%"
+            f" of {args.peak_tflops:g} TFLOP/s"
+            if args.step_time
+            else ""
+        )
+    )
     if args.layouts:
         print(f"\nlayouts on {gpus} GPUs that fit {args.gpu_gb:g} GiB (90% usable):")
         print(f"{'layout':>34s}  {'peak':>9s}  {'activations':>12s}  {'optimizer':>10s}")

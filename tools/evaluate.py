@@ -2,7 +2,8 @@
 """Score a sampled LlamaFusion on the bundled shapes data; write metrics.json.
 
     python tools/evaluate.py --samples runs/demo/samples --truth runs/demo/held_out/truth.json \\
-        --checkpoint runs/demo/llamafusion/train/checkpoints --base-llama runs/demo/base_llama --out runs/demo/llamafusion/metrics.json
+        --checkpoint runs/demo/llamafusion/train/checkpoints --base-llama runs/demo/base_llama \\
+        --out runs/demo/llamafusion/metrics.json
 
 * generation: share of generated images (tools/sample.py --prompts) whose colour, shape and position,
   read from the pixels, match the prompt;
@@ -59,8 +60,10 @@ def main(argv=None) -> int:
     tmp.write_text(json.dumps(metrics, indent=1))
     tmp.replace(out)
     for part, vals in metrics.items():
-        print(f"[evaluate] {part}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                for k, v in vals.items()))
+        print(
+            f"[evaluate] {part}: "
+            + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items())
+        )
     return 0
 
 

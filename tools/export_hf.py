@@ -32,8 +32,10 @@ def main(argv=None) -> int:
     if not (src / "meta.json").is_file():
         resolved = latest_checkpoint(src)
         if resolved is None:
-            print(f"error: {args.inp} is neither a checkpoint folder nor a directory with a `latest` pointer",
-                  file=sys.stderr)
+            print(
+                f"error: {args.inp} is neither a checkpoint folder nor a directory with a `latest` pointer",
+                file=sys.stderr,
+            )
             return 1
         src = resolved
     try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the bundled tiny image-caption dataset (coloured shapes at positions) as webdataset shards.
 
-    python tools/make_shapes_dataset.py --output data/shapes --num 2000 --shard-size 500 --size 64
+python tools/make_shapes_dataset.py --output data/shapes --num 2000 --shard-size 500 --size 64
 """
 
 from __future__ import annotations

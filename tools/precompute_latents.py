@@ -3,8 +3,10 @@
 
     python tools/precompute_latents.py --input 'data/shapes-{000000..000003}.tar' --output data/latents \\
         --vae runs/demo/vae --resolution 32 --batch-size 32 --num-workers 2
-    ray job submit --working-dir . -- python tools/precompute_latents.py --input /abs/in/*.tar --output /abs/out --vae /abs/vae ...
-    ray submit cluster/ray_cluster.yaml tools/precompute_latents.py --address auto --input s3://bucket/shard-{000000..000127}.tar ...
+    ray job submit --working-dir . -- python tools/precompute_latents.py --input /abs/in/*.tar --output /abs/out \\
+        --vae /abs/vae ...
+    ray submit cluster/ray_cluster.yaml tools/precompute_latents.py --address auto \\
+        --input s3://bucket/shard-{000000..000127}.tar ...
 
 Reruns skip finished shards (completion records) and redo the rest; bad samples are skipped
 and counted by reason in OUTPUT/summary.json.
@@ -42,11 +44,27 @@ def main(argv=None) -> int:
 
     if args.resolution < 8 or args.batch_size < 1 or args.num_workers < 1:
         ap.error("--resolution must be >= 8, --batch-size and --num-workers >= 1")
-    opts = CacheOptions(resolution=args.resolution, batch_size=args.batch_size, min_size=args.min_size,
-                        max_pixels=args.max_pixels, sample=args.sample, seed=args.seed)
+    opts = CacheOptions(
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        min_size=args.min_size,
+        max_pixels=args.max_pixels,
+        sample=args.sample,
+        seed=args.seed,
+    )
     try:
-        run(args.input, args.output, args.vae, opts, args.num_workers, args.address, args.max_retries,
-            args.crash_after_samples, log=lambda s: print(s, flush=True), crash_shard=args.crash_shard)
+        run(
+            args.input,
+            args.output,
+            args.vae,
+            opts,
+            args.num_workers,
+            args.address,
+            args.max_retries,
+            args.crash_after_samples,
+            log=lambda s: print(s, flush=True),
+            crash_shard=args.crash_shard,
+        )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,8 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--in", dest="inp", required=True, help="checkpoint directory (a step_XXXXXXXX folder or a "
-                    "save directory with a `latest` pointer)")
+    ap.add_argument(
+        "--in",
+        dest="inp",
+        required=True,
+        help="checkpoint directory (a step_XXXXXXXX folder or a save directory with a `latest` pointer)",
+    )
     ap.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     ap.add_argument("--tp", type=int, required=True)
     ap.add_argument("--pp", type=int, required=True)

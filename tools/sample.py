@@ -102,8 +102,11 @@ def main(argv=None) -> int:
         return 2
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.tp != world:
-        print(f"error: --tp {args.tp} needs exactly {args.tp} processes (torchrun --nproc_per_node {args.tp}); "
-              f"this run has {world}", file=sys.stderr)
+        print(
+            f"error: --tp {args.tp} needs exactly {args.tp} processes (torchrun --nproc_per_node {args.tp}); "
+            f"this run has {world}",
+            file=sys.stderr,
+        )
         return 2
 
     import torch
@@ -130,15 +133,23 @@ def main(argv=None) -> int:
     if vae is not None:
         f = 2 ** (len(vae.config.block_out_channels) - 1)
         if vae.config.latent_channels != img_cfg.latent_channels or img_cfg.image_size // f != img_cfg.latent_size:
-            print(f"error: --vae {args.vae}: {vae.config.latent_channels} latent channels, downsampling {f}; the model "
-                  f"expects {img_cfg.latent_channels} channels of {img_cfg.latent_size} px for {img_cfg.image_size} px "
-                  "images", file=sys.stderr)
+            print(
+                f"error: --vae {args.vae}: {vae.config.latent_channels} latent channels, downsampling {f}; the model "
+                f"expects {img_cfg.latent_channels} channels of {img_cfg.latent_size} px for {img_cfg.image_size} px "
+                "images",
+                file=sys.stderr,
+            )
             return 1
     out = Path(args.out)
     if rank0:
         out.mkdir(parents=True, exist_ok=True)
-    record = {"checkpoint": loaded.source, "settings": {k: v for k, v in vars(args).items() if k not in (
-        "prompts", "images", "text")}, "images": [], "captions": [], "text": []}
+    record = {
+        "checkpoint": loaded.source,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("prompts", "images", "text")},
+        "images": [],
+        "captions": [],
+        "text": [],
+    }
     t0 = time.time()
     g = torch.Generator().manual_seed(args.seed)
 
@@ -146,19 +157,27 @@ def main(argv=None) -> int:
         bos = tok.bos_token_id
         pils = []
         for i in range(0, len(prompts), args.batch_size):
-            chunk = prompts[i:i + args.batch_size]
+            chunk = prompts[i : i + args.batch_size]
             ids = [[bos] + tok(p, add_special_tokens=False)["input_ids"] for p in chunk]
-            lat = generate_images(model, ids, num_steps=args.steps, sampler=args.sampler,
-                                  guidance_scale=args.guidance if args.guidance > 0 else None, generator=g,
-                                  num_train_timesteps=loaded.num_train_timesteps, progress=rank0,
-                                  prediction=loaded.prediction)
+            lat = generate_images(
+                model,
+                ids,
+                num_steps=args.steps,
+                sampler=args.sampler,
+                guidance_scale=args.guidance if args.guidance > 0 else None,
+                generator=g,
+                num_train_timesteps=loaded.num_train_timesteps,
+                progress=rank0,
+                prediction=loaded.prediction,
+            )
             shift = getattr(vae.config, "shift_factor", None) or 0.0
             with torch.no_grad():
                 pix = vae.decode((lat / vae.config.scaling_factor + shift).to(dev, vae.dtype)).sample.float().cpu()
             for p, ids_p, x in zip(chunk, ids, pix):
                 pils.append(_to_pil(x))
-                record["images"].append({"prompt": p, "prompt_ids": ids_p, "file": "images.png",
-                                         "index": len(pils) - 1})
+                record["images"].append(
+                    {"prompt": p, "prompt_ids": ids_p, "file": "images.png", "index": len(pils) - 1}
+                )
         if rank0:
             _grid(pils, prompts, out / "images.png")
             for k, im in enumerate(pils):
@@ -171,11 +190,19 @@ def main(argv=None) -> int:
         pics = [Image.open(p).convert("RGB") for p in args.images]
         caps_all = []
         for i in tqdm(range(0, len(pics), args.batch_size), desc="captioning", disable=not rank0):
-            x = torch.stack([preprocess(im, img_cfg.image_size) for im in pics[i:i + args.batch_size]])
+            x = torch.stack([preprocess(im, img_cfg.image_size) for im in pics[i : i + args.batch_size]])
             lat = encode_images(vae, x, opts)
-            caps_all += caption(model, lat, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                                temperature=args.temperature, top_p=args.top_p, generator=g)
+            caps_all += caption(
+                model,
+                lat,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=args.do_sample,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                generator=g,
+            )
         texts = [tok.decode(c, skip_special_tokens=True) for c in caps_all]
         record["captions"] = [{"image": p, "ids": c, "caption": t} for p, c, t in zip(args.images, caps_all, texts)]
         if rank0:
@@ -183,8 +210,16 @@ def main(argv=None) -> int:
 
     for prompt in args.text:
         ids = torch.tensor([tok(prompt)["input_ids"]])
-        new = generate_text(model, ids, args.max_new_tokens, args.do_sample, temperature=args.temperature,
-                            top_p=args.top_p, eos_token_id=tok.eos_token_id, generator=g)[0, ids.shape[1]:].tolist()
+        new = generate_text(
+            model,
+            ids,
+            args.max_new_tokens,
+            args.do_sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            eos_token_id=tok.eos_token_id,
+            generator=g,
+        )[0, ids.shape[1] :].tolist()
         record["text"].append({"prompt": prompt, "ids": new, "completion": tok.decode(new, skip_special_tokens=True)})
 
     record["seconds"] = round(time.time() - t0, 2)
@@ -192,8 +227,10 @@ def main(argv=None) -> int:
         tmp = out / "samples.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(out / "samples.json")
-        print(f"wrote {out}: {len(record['images'])} images, {len(record['captions'])} captions, "
-              f"{len(record['text'])} texts in {record['seconds']} s")
+        print(
+            f"wrote {out}: {len(record['images'])} images, {len(record['captions'])} captions, "
+            f"{len(record['text'])} texts in {record['seconds']} s"
+        )
     torch.distributed.destroy_process_group()
     return 0
 

@@ -37,8 +37,9 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        info = train_base_llama(args.out, args.tokenizer, cfg.model, args.steps, args.batch_size, args.seq_length,
-                                args.lr, args.seed)
+        info = train_base_llama(
+            args.out, args.tokenizer, cfg.model, args.steps, args.batch_size, args.seq_length, args.lr, args.seed
+        )
     except (ConfigError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -31,15 +31,25 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.image_size % args.downsample:
-        print(f"error: --image-size {args.image_size} is not divisible by --downsample {args.downsample}",
-              file=sys.stderr)
+        print(
+            f"error: --image-size {args.image_size} is not divisible by --downsample {args.downsample}", file=sys.stderr
+        )
         return 2
 
     from megafusion.demo.vae_training import train_vae
 
     try:
-        info = train_vae(args.out, args.image_size, args.downsample, args.latent_channels, args.steps,
-                         args.batch_size, args.lr, args.kl_weight, seed=args.seed)
+        info = train_vae(
+            args.out,
+            args.image_size,
+            args.downsample,
+            args.latent_channels,
+            args.steps,
+            args.batch_size,
+            args.lr,
+            args.kl_weight,
+            seed=args.seed,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

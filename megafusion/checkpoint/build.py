@@ -41,8 +41,15 @@ def build_llamafusion(
     cls: type[M] = LlamaFusionModel,
 ) -> M:
     """This rank's LlamaFusion (or pipeline stage of it) with the base Llama loaded, image tower copied, text frozen."""
-    model = cls(cfg, pctx, pre_process=pre_process, post_process=post_process, layer_ids=layer_ids, seed=seed,
-                pipeline_parallel=pipeline_parallel)
+    model = cls(
+        cfg,
+        pctx,
+        pre_process=pre_process,
+        post_process=post_process,
+        layer_ids=layer_ids,
+        seed=seed,
+        pipeline_parallel=pipeline_parallel,
+    )
     load_hf_llama(model, hf_dir)
     model.init_image_tower_from_text()
     model.freeze_text_tower()

@@ -40,23 +40,36 @@ from megafusion.model.image_io import build_image_io
 from megafusion.parallel.layout import Layout, layer_ids_for_chunk
 
 
-def convert_hf_llama(hf_dir: str | Path, out_dir: str | Path, cfg: Config, tp: int, pp: int,
-                     vpp: Optional[int] = None, progress: bool = True) -> Path:
+def convert_hf_llama(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    cfg: Config,
+    tp: int,
+    pp: int,
+    vpp: Optional[int] = None,
+    progress: bool = True,
+) -> Path:
     """Write ``out_dir`` (atomically) and return it. ``cfg`` supplies the image side and seed."""
     from tqdm import tqdm
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if cfg.model.architecture != "llamafusion":
-        raise ValueError(f"model.architecture={cfg.model.architecture!r}: conversion writes the image tower of the "
-                         "recipe; start the baseline from the HF Llama itself (checkpoint.hf_llama, no checkpoint.load)")
+        raise ValueError(
+            f"model.architecture={cfg.model.architecture!r}: conversion writes the image tower of the "
+            "recipe; start the baseline from the HF Llama itself (checkpoint.hf_llama, no checkpoint.load)"
+        )
     m = model_config_from_hf(read_hf_config(hf_dir), image=cfg.model.image)
     vpp = vpp or 1
     problems = split_problems(m, tp, pp, vpp)
     if problems:
-        raise ValueError(f"{hf_dir}: cannot be split as {Layout(tp, pp, vpp=vpp).model_parallel}: "
-                         + "; ".join(p.short() for p in problems))
+        raise ValueError(
+            f"{hf_dir}: cannot be split as {Layout(tp, pp, vpp=vpp).model_parallel}: "
+            + "; ".join(p.short() for p in problems)
+        )
     r = SafetensorsDir(hf_dir)
-    image_in, image_out = build_image_io(cfg.model.image, m.hidden_size, m.rms_norm_eps, cfg.seed)  # as the trainer does
+    image_in, image_out = build_image_io(
+        cfg.model.image, m.hidden_size, m.rms_norm_eps, cfg.seed
+    )  # as the trainer does
     unet_in, unet_out = image_in.state_dict(), image_out.state_dict()
     final_norm = r.get("model.norm.weight")
     specials = special_rows(r, m.boi_token_id, m.eoi_token_id)
@@ -96,10 +109,15 @@ def convert_hf_llama(hf_dir: str | Path, out_dir: str | Path, cfg: Config, tp: i
             bar.update(1)
     bar.close()
     layout = {"tp": tp, "pp": pp, "vpp": vpp}
-    meta = {"step": 0, "weights_only": True, "layout": layout, "frozen_source": frozen_source_fingerprint(hf_dir),
-            "converted_from": str(hf_dir), "seconds": round(time.time() - t0, 2)}
+    meta = {
+        "step": 0,
+        "weights_only": True,
+        "layout": layout,
+        "frozen_source": frozen_source_fingerprint(hf_dir),
+        "converted_from": str(hf_dir),
+        "seconds": round(time.time() - t0, 2),
+    }
     (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
     dump_config(cfg, tmp / "config.yaml")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return publish(tmp, out)
-

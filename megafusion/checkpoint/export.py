@@ -69,8 +69,10 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
     ckpt, out = Path(ckpt_dir), Path(out_dir)
     full, cfg, meta, hf_dir = read_checkpoint_image_side(ckpt)
     if cfg.model.architecture != "llamafusion":
-        raise CheckpointError(f"{ckpt}: a {cfg.model.architecture} checkpoint trains its text tower, which the export "
-                              "(the base Llama's files, copied) cannot hold; sample and evaluate the checkpoint itself")
+        raise CheckpointError(
+            f"{ckpt}: a {cfg.model.architecture} checkpoint trains its text tower, which the export "
+            "(the base Llama's files, copied) cannot hold; sample and evaluate the checkpoint itself"
+        )
 
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -80,9 +82,17 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
         if f.name in _HF_FILES or f.name.startswith("model-") or f.name.startswith("tokenizer"):
             shutil.copy2(f, tmp / f.name)
     save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / IMAGE_FILE))
-    (tmp / CONFIG_FILE).write_text(json.dumps(
-        {"model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion), "step": meta["step"],
-         "source_checkpoint": str(ckpt)}, indent=1))
+    (tmp / CONFIG_FILE).write_text(
+        json.dumps(
+            {
+                "model": dataclasses.asdict(cfg.model),
+                "diffusion": dataclasses.asdict(cfg.diffusion),
+                "step": meta["step"],
+                "source_checkpoint": str(ckpt),
+            },
+            indent=1,
+        )
+    )
     publish(tmp, out)
     log(f"[export] {len(full)} image-side tensors + text tower from {hf_dir} -> {out}")
     return out
@@ -104,23 +114,22 @@ def load_image_side(model, source: str | Path | dict[str, torch.Tensor]) -> None
             raise CheckpointError(f"{path}: no tensor {name!r} (exported from a different model config?)")
         local = shard(name, tensors[name], cfg, tp, rank)
         if tuple(local.shape) != tuple(p.shape):
-            raise CheckpointError(f"{path}: {name} gives a shard of {tuple(local.shape)}, the model has {tuple(p.shape)}")
+            raise CheckpointError(
+                f"{path}: {name} gives a shard of {tuple(local.shape)}, the model has {tuple(p.shape)}"
+            )
         p.copy_(local.to(dtype=p.dtype, device=p.device))
 
 
-def load_exported(path: str | Path, pctx: ParallelContext, *, seed: int = 1234,
-                  cls: type[M] = LlamaFusionModel) -> M:
+def load_exported(path: str | Path, pctx: ParallelContext, *, seed: int = 1234, cls: type[M] = LlamaFusionModel) -> M:
     """A ``tools/export_hf.py`` directory as a model on this rank (any TP size): the HF text tower plus the
     trained image side."""
     path = Path(path)
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise ValueError(
-            f"{path}: no {CONFIG_FILE}, so no trained image tower; for a plain HF Llama use "
-            "LlamaFusion.from_hf_llama"
+            f"{path}: no {CONFIG_FILE}, so no trained image tower; for a plain HF Llama use LlamaFusion.from_hf_llama"
         )
     mcfg = config_from_dict({"model": json.loads(cfg_file.read_text())["model"]}).model
     model = build_llamafusion(mcfg, pctx, path, seed=seed, cls=cls)
     load_image_side(model, path / IMAGE_FILE)
     return model
-

@@ -43,8 +43,9 @@ def file_digest(path: Path) -> dict[str, Any]:
     entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
-            entry["tensors"] = {k: {"shape": list(f.get_slice(k).get_shape()), "dtype": f.get_slice(k).get_dtype()}
-                                for k in f.keys()}
+            entry["tensors"] = {
+                k: {"shape": list(f.get_slice(k).get_shape()), "dtype": f.get_slice(k).get_dtype()} for k in f.keys()
+            }
     return entry
 
 
@@ -61,8 +62,9 @@ def verify_file(root: Path, rel: str, index: dict[str, Any]) -> None:
         raise CheckpointError(f"{path}: {size} bytes, the index says {want['bytes']} (truncated or overwritten)")
     digest = _sha256(path)
     if digest != want["sha256"]:
-        raise CheckpointError(f"{path}: sha256 {digest[:12]}... differs from the index's "
-                              f"{want['sha256'][:12]}... (corrupted)")
+        raise CheckpointError(
+            f"{path}: sha256 {digest[:12]}... differs from the index's {want['sha256'][:12]}... (corrupted)"
+        )
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -72,8 +74,11 @@ def write_json(path: Path, data: Any) -> None:
 
 def frozen_source_fingerprint(hf_dir: str | Path) -> dict[str, Any]:
     """Path and file sizes of the HF directory the frozen text tower is reloaded from."""
-    files = {p.name: p.stat().st_size for p in sorted(Path(hf_dir).glob("*"))
-             if p.suffix in (".safetensors", ".json") and p.is_file()}
+    files = {
+        p.name: p.stat().st_size
+        for p in sorted(Path(hf_dir).glob("*"))
+        if p.suffix in (".safetensors", ".json") and p.is_file()
+    }
     return {"path": str(hf_dir), "files": files}
 
 

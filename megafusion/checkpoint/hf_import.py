@@ -57,7 +57,9 @@ def model_config_from_hf(hf: dict, image: Optional[ImageConfig] = None, **overri
         scaling = RopeScalingConfig(rope_type="none")
     elif rtype == "llama3":
         scaling = RopeScalingConfig(
-            rope_type="llama3", factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            rope_type="llama3",
+            factor=float(rope["factor"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
             high_freq_factor=float(rope["high_freq_factor"]),
             original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
         )
@@ -66,11 +68,19 @@ def model_config_from_hf(hf: dict, image: Optional[ImageConfig] = None, **overri
     vocab = hf["vocab_size"]
     boi, eoi = (128002, 128003) if vocab >= LLAMA3_VOCAB else (vocab - 2, vocab - 1)
     kw: dict[str, Any] = dict(
-        vocab_size=vocab, hidden_size=hidden, num_layers=hf["num_hidden_layers"], num_attention_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta), rope_scaling=scaling,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        ffn_hidden_size=hf["intermediate_size"],
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), boi_token_id=boi, eoi_token_id=eoi,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        boi_token_id=boi,
+        eoi_token_id=eoi,
     )
     if image is not None:
         kw["image"] = image
@@ -132,9 +142,12 @@ class SafetensorsDir:
 
 
 LAYER_SOURCES = {  # routed-layer tensor -> the HF tensors it is made of (for error messages)
-    "qkv.weight": "self_attn.{q,k,v}_proj.weight", "qkv.norm": "input_layernorm.weight",
-    "o.weight": "self_attn.o_proj.weight", "gate_up.weight": "mlp.{gate,up}_proj.weight",
-    "gate_up.norm": "post_attention_layernorm.weight", "down.weight": "mlp.down_proj.weight",
+    "qkv.weight": "self_attn.{q,k,v}_proj.weight",
+    "qkv.norm": "input_layernorm.weight",
+    "o.weight": "self_attn.o_proj.weight",
+    "gate_up.weight": "mlp.{gate,up}_proj.weight",
+    "gate_up.norm": "post_attention_layernorm.weight",
+    "down.weight": "mlp.down_proj.weight",
 }
 
 
@@ -186,8 +199,9 @@ def load_hf_llama(model, path: str | Path) -> None:
     if model.pre_process:
         name = "model.embed_tokens.weight"
         _copy(model.embedding.weight, vocab_rows(name), name)
-        _copy(model.special_embedding, special_rows(r, cfg.boi_token_id, cfg.eoi_token_id),
-              "<BOI>/<EOI> embedding rows")
+        _copy(
+            model.special_embedding, special_rows(r, cfg.boi_token_id, cfg.eoi_token_id), "<BOI>/<EOI> embedding rows"
+        )
     for key, layer in model.layers.items():
         for rel, t in layer_shards(r, key, tp, rank).items():
             proj, kind = rel.split(".")

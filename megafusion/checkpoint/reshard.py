@@ -87,8 +87,11 @@ class _Source:
         self.universal = self.meta.get("optimizer_format") == UNIVERSAL
         # every input file is checksummed in the background while the copy runs; the output is
         # published only after all of them have passed (wait_verified)
-        wanted = [rel for rel in sorted(self.index)
-                  if rel.startswith("model/") or (rel.startswith("optim/") and not self.weights_only)]
+        wanted = [
+            rel
+            for rel in sorted(self.index)
+            if rel.startswith("model/") or (rel.startswith("optim/") and not self.weights_only)
+        ]
         for rel in wanted:  # cheap checks first: a missing or truncated file fails before any copying
             if not (root / rel).is_file() or (root / rel).stat().st_size != self.index[rel]["bytes"]:
                 verify_file(root, rel, self.index)
@@ -101,7 +104,9 @@ class _Source:
             for p in range(self.layout.pp):
                 rel = f"model/tp{t}_pp{p}.safetensors"
                 if rel not in self.index:
-                    raise CheckpointError(f"{root / rel}: missing for layout {self.layout.model_parallel} (not in {INDEX})")
+                    raise CheckpointError(
+                        f"{root / rel}: missing for layout {self.layout.model_parallel} (not in {INDEX})"
+                    )
                 for key, info in self.index[rel]["tensors"].items():
                     canon = canonical_name(key)
                     if canon is None:
@@ -140,8 +145,12 @@ class _Source:
                     part = int(group["numel"])
                     if "step" in group:
                         steps.add(float(group["step"]))
-                    states = [s for s in ADAM_STATES if s == "master" or
-                              f"group{g}.{s}" in self.index[f"optim/tp{t}_pp{p}_dp0.safetensors"]["tensors"]]
+                    states = [
+                        s
+                        for s in ADAM_STATES
+                        if s == "master"
+                        or f"group{g}.{s}" in self.index[f"optim/tp{t}_pp{p}_dp0.safetensors"]["tensors"]
+                    ]
                     off = 0
                     for pname, numel in group["params"]:
                         canon = canonical_name(pname)
@@ -152,13 +161,20 @@ class _Source:
                             a, b = max(off, d * part), min(off + numel, (d + 1) * part)
                             if a < b:
                                 for s in states:
-                                    per_state[s].append((f"optim/tp{t}_pp{p}_dp{d}.safetensors", f"group{g}.{s}",
-                                                         a - d * part, b - d * part))
+                                    per_state[s].append(
+                                        (
+                                            f"optim/tp{t}_pp{p}_dp{d}.safetensors",
+                                            f"group{g}.{s}",
+                                            a - d * part,
+                                            b - d * part,
+                                        )
+                                    )
                         self.optim[canon][t] = per_state
                         off += numel
                     if off > part * dp:
-                        raise CheckpointError(f"{j0}: group {g} lists {off} elements, its {dp} partitions hold "
-                                              f"{part * dp}")
+                        raise CheckpointError(
+                            f"{j0}: group {g} lists {off} elements, its {dp} partitions hold {part * dp}"
+                        )
         if len(steps) > 1:
             raise CheckpointError(f"{self.root}: optimizer groups disagree on the step count: {sorted(steps)}")
         self.step = steps.pop() if steps else None
@@ -260,15 +276,29 @@ def _check_layout(cfg: Config, new: Layout, dp: Optional[int], where: Path) -> N
     if dp is not None:
         d = cfg.data
         if dp < 1 or d.global_batch_size % (d.micro_batch_size * dp):
-            problems.append(f"data.global_batch_size {d.global_batch_size} not divisible by "
-                            f"data.micro_batch_size {d.micro_batch_size} x DP {dp}")
+            problems.append(
+                f"data.global_batch_size {d.global_batch_size} not divisible by "
+                f"data.micro_batch_size {d.micro_batch_size} x DP {dp}"
+            )
     if problems:
-        raise CheckpointError(f"{where}: cannot reshard to {new.model_parallel}" + (f" DP={dp}" if dp else "") + ": "
-                              + "; ".join(problems))
+        raise CheckpointError(
+            f"{where}: cannot reshard to {new.model_parallel}"
+            + (f" DP={dp}" if dp else "")
+            + ": "
+            + "; ".join(problems)
+        )
 
 
-def reshard_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int, pp: int, vpp: Optional[int] = None,
-                       dp: Optional[int] = None, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+def reshard_checkpoint(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    tp: int,
+    pp: int,
+    vpp: Optional[int] = None,
+    dp: Optional[int] = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Write ``out_dir`` (atomically) holding ``in_dir`` at the new layout; returns it."""
     from tqdm import tqdm
 
@@ -313,17 +343,30 @@ def reshard_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int, pp: int
                 for chunk in range(new.vpp):
                     for canon in where[(p, chunk)]:
                         dtype, shape = src.dtype(canon), src.local_shape(canon, new.tp, t)
-                        weights.append((f"{chunk}.core.{canon}", dtype, shape,
-                                        lambda c=canon, t=t: src.runs(c, new.tp, t)))
+                        weights.append(
+                            (f"{chunk}.core.{canon}", dtype, shape, lambda c=canon, t=t: src.runs(c, new.tp, t))
+                        )
                         for s in ADAM_STATES if not src.weights_only else ():
                             if src.has_state(canon, s):
-                                states.append((f"{chunk}.core.{canon}/{s}", torch.float32, (math.prod(shape),),
-                                               lambda c=canon, s=s, t=t: src.runs(c, new.tp, t, s)))
+                                states.append(
+                                    (
+                                        f"{chunk}.core.{canon}/{s}",
+                                        torch.float32,
+                                        (math.prod(shape),),
+                                        lambda c=canon, s=s, t=t: src.runs(c, new.tp, t, s),
+                                    )
+                                )
                     last_not_first = (p, chunk) == (new.pp - 1, new.vpp - 1) and (p, chunk) != (0, 0)
                     if last_not_first and unet_in and cfg.model.image.io == "unet":
                         for canon in unet_in:  # the last stage's tied down-sampler replica
-                            weights.append((f"{chunk}.{REPLICA}.{canon[len('image_in.'):]}", src.dtype(canon),
-                                            src.local_shape(canon, 1, 0), lambda c=canon: src.runs(c, 1, 0)))
+                            weights.append(
+                                (
+                                    f"{chunk}.{REPLICA}.{canon[len('image_in.') :]}",
+                                    src.dtype(canon),
+                                    src.local_shape(canon, 1, 0),
+                                    lambda c=canon: src.runs(c, 1, 0),
+                                )
+                            )
                 files = [(f"model/{stem}.safetensors", weights)]
                 if not src.weights_only:
                     files.append((f"optim/{stem}.safetensors", states))
@@ -352,16 +395,25 @@ def reshard_checkpoint(in_dir: str | Path, out_dir: str | Path, tp: int, pp: int
     if dp is not None:
         layout["dp"] = dp
     meta = {k: v for k, v in src.meta.items() if k not in ("layout", "world_size")}
-    meta.update({"layout": layout, "resharded_from": src.meta["layout"], "rng": False,
-                 "seconds": round(time.time() - t0, 2)})
+    meta.update(
+        {"layout": layout, "resharded_from": src.meta["layout"], "rng": False, "seconds": round(time.time() - t0, 2)}
+    )
     if not src.weights_only:
         meta["optimizer_format"] = UNIVERSAL
-    par = replace(cfg.parallel, tensor_parallel=new.tp, pipeline_parallel=new.pp,
-                  virtual_pipeline_stages=vpp if new.vpp > 1 else None, data_parallel=dp if dp else -1)
+    par = replace(
+        cfg.parallel,
+        tensor_parallel=new.tp,
+        pipeline_parallel=new.pp,
+        virtual_pipeline_stages=vpp if new.vpp > 1 else None,
+        data_parallel=dp if dp else -1,
+    )
     dump_config(replace(cfg, parallel=par), tmp / "config.yaml")
     (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     publish(tmp, out)
-    log(f"[reshard] {src_dir} ({src.layout.model_parallel}) -> {out} ({new.model_parallel}): {moved / 2**20:.1f} MiB in "
-        f"{time.time() - t0:.1f} s")
+    log(
+        f"[reshard] {src_dir} ({src.layout.model_parallel}) -> {out} ({new.model_parallel}): "
+        f"{moved / 2**20:.1f} MiB in "
+        f"{time.time() - t0:.1f} s"
+    )
     return out

@@ -22,8 +22,15 @@ from typing import Any
 import torch
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -125,16 +132,18 @@ def merge_runs(runs: list[Run]) -> list[Run]:
     return [(a, b, c) for a, b, c in out]
 
 
-def write_tensor_file(path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...],
-                                                            Callable[[], list[Run]]]],
-                      sources: list[Path]) -> dict[str, Any]:
+def write_tensor_file(
+    path: str | Path,
+    entries: list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], list[Run]]]],
+    sources: list[Path],
+) -> dict[str, Any]:
     """Write a safetensors file whose tensors are re-arranged bytes of other safetensors files.
 
     ``entries`` are ``(name, dtype, shape, runs)``: ``runs()`` lists, in the output
     tensor's byte order, the source byte ranges it is made of. Long contiguous runs are
-    copied file-to-file with ``os.copy_file_range``, inside the kernel, without passing through this process (a pread/pwrite loop where the
-    kernel refuses); a tensor made of many short runs (rows interleaved by a row-parallel
-    re-cut) is gathered from one read per source region instead. Returns the index entry
+    copied file-to-file with ``os.copy_file_range``, inside the kernel, without passing through this
+    process (a pread/pwrite loop where the kernel refuses); a tensor made of many short runs (rows
+    interleaved by a row-parallel re-cut) is gathered from one read per source region instead. Returns the index entry
     without the checksum, which the caller computes from the finished file.
     """
     header: dict[str, Any] = {}
@@ -173,8 +182,10 @@ def write_tensor_file(path: str | Path, entries: list[tuple[str, torch.dtype, tu
         os.close(fd)
         for f in fds.values():
             os.close(f)
-    return {"bytes": len(head) + offset,
-            "tensors": {name: {"shape": list(shape), "dtype": NAMES[dtype]} for name, dtype, shape, _ in entries}}
+    return {
+        "bytes": len(head) + offset,
+        "tensors": {name: {"shape": list(shape), "dtype": NAMES[dtype]} for name, dtype, shape, _ in entries},
+    }
 
 
 def _gather(runs: list[Run], nbytes: int, fds: dict[int, int], sources: list[Path]) -> bytearray:
@@ -191,7 +202,7 @@ def _gather(runs: list[Run], nbytes: int, fds: dict[int, int], sources: list[Pat
     at = 0
     for f, off, n in runs:
         lo, data = regions[f]
-        out[at:at + n] = data[off - lo:off - lo + n]
+        out[at : at + n] = data[off - lo : off - lo + n]
         at += n
     return out
 

@@ -101,7 +101,12 @@ def flat_group_order(optimizer, i: int) -> list[torch.nn.Parameter]:
 
 
 def save_checkpoint(
-    save_dir: str | Path, step: int, model: torch.nn.Module, optimizer, cfg: Config, extra: dict[str, Any],
+    save_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer,
+    cfg: Config,
+    extra: dict[str, Any],
     keep: int = 2,
 ) -> Path:
     """Collective: every rank writes its shards; returns the final folder."""
@@ -140,8 +145,10 @@ def save_checkpoint(
         index = {k: v for part in gathered for k, v in part.items()}
         write_json(tmp / INDEX, index)
         dump_config(cfg, tmp / "config.yaml")
-        write_json(tmp / "meta.json", {"step": step, "layout": _layout(), "time": time.time(),
-                                         "world_size": dist.get_world_size(), **extra})
+        write_json(
+            tmp / "meta.json",
+            {"step": step, "layout": _layout(), "time": time.time(), "world_size": dist.get_world_size(), **extra},
+        )
         for small in (INDEX, "meta.json", "config.yaml"):
             fsync_path(tmp / small)
         publish(tmp, final)
@@ -234,14 +241,16 @@ def load_universal_partition(optimizer, model: torch.nn.Module, path: Path, meta
                 if keys["master"] not in f:
                     raise CheckpointError(f"{path}: no optimizer state for parameter {name} (different model?)")
                 if f.numel(keys["master"]) != n:
-                    raise CheckpointError(f"{path}: {name} has {f.numel(keys['master'])} elements of optimizer "
-                                          f"state, the model's shard has {n} (resharded for another layout?)")
+                    raise CheckpointError(
+                        f"{path}: {name} has {f.numel(keys['master'])} elements of optimizer "
+                        f"state, the model's shard has {n} (resharded for another layout?)"
+                    )
                 a, b = max(off, lo), min(off + n, hi)
                 if a < b:
                     for s, key in keys.items():
                         if key in f:
                             buf = bufs.setdefault(s, torch.zeros(part, dtype=torch.float32))
-                            buf[a - lo:b - lo] = f.read_flat(key, a - off, b - off)
+                            buf[a - lo : b - lo] = f.read_flat(key, a - off, b - off)
                 off += n
             with torch.no_grad():
                 master.copy_(bufs.pop("master").to(master.device))
@@ -255,8 +264,9 @@ def load_universal_partition(optimizer, model: torch.nn.Module, path: Path, meta
             raise CheckpointError(f"{path}: optimizer state for parameters this model does not train, e.g. {extra[:3]}")
 
 
-def load_zero_partition(optimizer, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                        where: str) -> None:
+def load_zero_partition(
+    optimizer, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str
+) -> None:
     """Copy a saved ZeRO partition (fp32 master + Adam moments + step) into a live DeepSpeed optimizer."""
     inner = optimizer.optimizer
     groups = optimizer.single_partition_of_fp32_groups
@@ -266,8 +276,10 @@ def load_zero_partition(optimizer, model: torch.nn.Module, tensors: dict[str, to
     for i, master in enumerate(groups):
         order = [[names.get(id(p), "?"), p.numel()] for p in flat_group_order(optimizer, i)]
         if "params" in meta["groups"][i] and meta["groups"][i]["params"] != order:
-            raise CheckpointError(f"{where}: group {i} holds other parameters (or another order) than this run's "
-                                  "optimizer; reshard the checkpoint for this layout")
+            raise CheckpointError(
+                f"{where}: group {i} holds other parameters (or another order) than this run's "
+                "optimizer; reshard the checkpoint for this layout"
+            )
         if f"group{i}.master" not in tensors:
             raise CheckpointError(f"{where}: group {i} has no saved fp32 partition")
         saved = tensors[f"group{i}.master"]

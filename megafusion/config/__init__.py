@@ -24,8 +24,23 @@ from megafusion.config.schema import (
 from megafusion.config.validate import config_problems, validate_config
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DiffusionConfig", "ImageConfig",
-    "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RopeScalingConfig",
-    "config_from_dict", "config_problems", "config_to_dict", "dump_config", "list_presets",
-    "load_config", "parse_overrides", "validate_config",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DiffusionConfig",
+    "ImageConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RopeScalingConfig",
+    "config_from_dict",
+    "config_problems",
+    "config_to_dict",
+    "dump_config",
+    "list_presets",
+    "load_config",
+    "parse_overrides",
+    "validate_config",
 ]

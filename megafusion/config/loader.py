@@ -39,8 +39,7 @@ def _resolve_source(name_or_path: str) -> Path:
     preset = PRESET_DIR / f"{name_or_path}.yaml"
     if not preset.is_file():
         raise ConfigError(
-            f"unknown preset {name_or_path!r}; presets: {', '.join(list_presets())} "
-            "(or pass a path to a .yaml file)"
+            f"unknown preset {name_or_path!r}; presets: {', '.join(list_presets())} (or pass a path to a .yaml file)"
         )
     return preset
 

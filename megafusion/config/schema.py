@@ -215,7 +215,8 @@ class CheckpointConfig:
     """Where weights come from and go."""
 
     hf_llama: str = ""
-    """HF Llama directory (safetensors) to initialise the text tower from ('' = build a tiny random one, tiny preset only)."""
+    """HF Llama directory (safetensors) to initialise the text tower from ('' = build a tiny random one,
+    tiny preset only)."""
     load: str = ""
     """megafusion checkpoint to start from when ``save`` has no ``latest`` yet ('' = none)."""
     save: str = ""

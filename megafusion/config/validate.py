@@ -38,14 +38,22 @@ def split_problems(m: ModelConfig, tp: int, pp: int, vpp: Optional[int] = None) 
     planner's candidate layouts all ask here.
     """
     tp_key = f"parallel.tensor_parallel={tp}"
-    out = [SplitProblem(what, key, val, tp_key, tp) for what, key, val in (
-        ("attention heads", "model.num_attention_heads", m.num_attention_heads),
-        ("kv heads", "model.num_kv_heads", m.num_kv_heads),
-        ("ffn size", "model.ffn_hidden_size", m.ffn_hidden_size)) if val % tp]
+    out = [
+        SplitProblem(what, key, val, tp_key, tp)
+        for what, key, val in (
+            ("attention heads", "model.num_attention_heads", m.num_attention_heads),
+            ("kv heads", "model.num_kv_heads", m.num_kv_heads),
+            ("ffn size", "model.ffn_hidden_size", m.ffn_hidden_size),
+        )
+        if val % tp
+    ]
     chunks = pp * (vpp or 1)
     if m.num_layers % chunks:
-        by = (f"parallel.pipeline_parallel={pp} x parallel.virtual_pipeline_stages={vpp} = {chunks}" if vpp
-              else f"parallel.pipeline_parallel={pp}")
+        by = (
+            f"parallel.pipeline_parallel={pp} x parallel.virtual_pipeline_stages={vpp} = {chunks}"
+            if vpp
+            else f"parallel.pipeline_parallel={pp}"
+        )
         out.append(SplitProblem("layers", "model.num_layers", m.num_layers, by, chunks))
     return out
 
@@ -78,8 +86,7 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
 
     if m.hidden_size % m.num_attention_heads:
         errs.append(
-            f"model.hidden_size={m.hidden_size} is not divisible by "
-            f"model.num_attention_heads={m.num_attention_heads}"
+            f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}"
         )
     if m.num_attention_heads % m.num_kv_heads:
         errs.append(
@@ -91,9 +98,7 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         errs.append(f"parallel.virtual_pipeline_stages={vpp} must be >= 1 or null")
     errs += [str(sp) for sp in split_problems(m, tp, pp, vpp)]
     if vpp and vpp > 1 and pp < 2:
-        errs.append(
-            f"parallel.virtual_pipeline_stages={vpp} needs parallel.pipeline_parallel >= 2 (got {pp})"
-        )
+        errs.append(f"parallel.virtual_pipeline_stages={vpp} needs parallel.pipeline_parallel >= 2 (got {pp})")
     if world_size is not None:
         dp = p.data_parallel
         if dp == -1:
@@ -112,11 +117,16 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
             )
         elif dp > 0 and vpp and vpp > 1 and (d.global_batch_size // (d.micro_batch_size * dp)) % pp:
             errs.append(
-                f"interleaved pipelining needs micro-batches per step ({d.global_batch_size // (d.micro_batch_size * dp)}"
-                f" = data.global_batch_size / (data.micro_batch_size x DP)) divisible by parallel.pipeline_parallel={pp}"
+                "interleaved pipelining needs micro-batches per step "
+                f"({d.global_batch_size // (d.micro_batch_size * dp)} = data.global_batch_size / "
+                f"(data.micro_batch_size x DP)) divisible by parallel.pipeline_parallel={pp}"
             )
-        if (p.zero_stage == 2 and dp > 0 and d.global_batch_size != d.micro_batch_size * dp
-                and d.global_batch_size % (d.micro_batch_size * dp) == 0):
+        if (
+            p.zero_stage == 2
+            and dp > 0
+            and d.global_batch_size != d.micro_batch_size * dp
+            and d.global_batch_size % (d.micro_batch_size * dp) == 0
+        ):
             errs.append(
                 f"parallel.zero_stage=2 needs one micro-batch per step (data.global_batch_size="
                 f"{d.global_batch_size} = data.micro_batch_size={d.micro_batch_size} x DP={dp}): DeepSpeed's "
@@ -131,8 +141,10 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
         errs.append(f"parallel.data_parallel={p.data_parallel} must be >= 1 or -1 (derived)")
 
     if p.zero_bucket_elements < 2 or p.zero_bucket_elements % 2:
-        errs.append(f"parallel.zero_bucket_elements={p.zero_bucket_elements} must be an even number >= 2 "
-                    "(DeepSpeed splits buckets in halves)")
+        errs.append(
+            f"parallel.zero_bucket_elements={p.zero_bucket_elements} must be an even number >= 2 "
+            "(DeepSpeed splits buckets in halves)"
+        )
     if p.zero_stage not in (1, 2):
         errs.append(f"parallel.zero_stage={p.zero_stage} must be 1 or 2")
     elif p.zero_stage == 2 and pp > 1:
@@ -162,8 +174,7 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     factor = img.vae_downsample * img.patch_size
     if img.vae_downsample < 1 or img.patch_size < 1:
         errs.append(
-            f"model.image.vae_downsample={img.vae_downsample} and model.image.patch_size="
-            f"{img.patch_size} must be >= 1"
+            f"model.image.vae_downsample={img.vae_downsample} and model.image.patch_size={img.patch_size} must be >= 1"
         )
     elif img.image_size % factor:
         errs.append(
@@ -205,8 +216,10 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     if not 0.0 <= cfg.diffusion.caption_dropout < 1.0:
         errs.append(f"diffusion.caption_dropout={cfg.diffusion.caption_dropout} must be in [0, 1)")
     if not 1 <= cfg.diffusion.understanding_max_timestep <= cfg.diffusion.num_timesteps:
-        errs.append(f"diffusion.understanding_max_timestep={cfg.diffusion.understanding_max_timestep} must be in "
-                    f"[1, diffusion.num_timesteps={cfg.diffusion.num_timesteps}]")
+        errs.append(
+            f"diffusion.understanding_max_timestep={cfg.diffusion.understanding_max_timestep} must be in "
+            f"[1, diffusion.num_timesteps={cfg.diffusion.num_timesteps}]"
+        )
     if not 0.0 <= cfg.data.text_ratio < 1.0:
         errs.append(f"data.text_ratio={cfg.data.text_ratio} must be in [0, 1)")
     elif cfg.data.text_ratio > 0 and not cfg.data.text_path:

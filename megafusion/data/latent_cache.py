@@ -37,8 +37,16 @@ from megafusion.durable import publish, write_text
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MAX_MEMBER_BYTES = 256 * 2**20
-SKIP_REASONS = ("missing_image", "missing_caption", "corrupt_image", "truncated_image", "too_small",
-                "decompression_bomb", "truncated_shard", "oversized_member")
+SKIP_REASONS = (
+    "missing_image",
+    "missing_caption",
+    "corrupt_image",
+    "truncated_image",
+    "too_small",
+    "decompression_bomb",
+    "truncated_shard",
+    "oversized_member",
+)
 
 
 class BadSample(Exception):
@@ -77,7 +85,7 @@ def expand_inputs(pattern: str) -> list[str]:
             else:
                 raise FileNotFoundError(f"--input {pattern!r}: shard {part!r} does not exist")
             continue
-        local = part[len("file://"):] if part.startswith("file://") else part
+        local = part[len("file://") :] if part.startswith("file://") else part
         if os.path.isdir(local):  # a directory means its shards
             urls.extend(sorted(glob.glob(os.path.join(local, "*.tar"))))
         elif any(ch in local for ch in "*?["):
@@ -172,8 +180,12 @@ def encode_images(vae, x: torch.Tensor, opts: CacheOptions, seeds: Optional[list
     """[n, 3, R, R] in [-1, 1] -> scaled latents [n, C, R/f, R/f]: (z - shift_factor) * scaling_factor."""
     dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
     if opts.sample:
-        noise = torch.stack([torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(s))
-                             for s in (seeds or range(x.shape[0]))]).to(dist.mean)
+        noise = torch.stack(
+            [
+                torch.randn(dist.mean.shape[1:], generator=torch.Generator().manual_seed(s))
+                for s in (seeds or range(x.shape[0]))
+            ]
+        ).to(dist.mean)
         z = dist.mean + dist.std * noise
     else:
         z = dist.mode()
@@ -191,8 +203,7 @@ def done_record(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".done.json")
 
 
-def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions,
-                  crash_after: Optional[int] = None) -> dict:
+def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions, crash_after: Optional[int] = None) -> dict:
     """``crash_after`` (tests only) kills the process after that many samples of this shard."""
     """Encode one input shard into ``out_path`` atomically; return its counts (also written as the record)."""
     import webdataset as wds

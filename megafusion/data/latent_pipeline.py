@@ -26,8 +26,7 @@ SUMMARY = "summary.json"
 class EncoderWorker:
     """Holds one VAE; encodes whole shards. Wrapped with ``ray.remote`` by :func:`run`."""
 
-    def __init__(self, vae_dir: str, opts: dict, crash_after: Optional[int] = None,
-                 crash_shard: Optional[str] = None):
+    def __init__(self, vae_dir: str, opts: dict, crash_after: Optional[int] = None, crash_shard: Optional[str] = None):
         import torch
 
         from megafusion.data.latent_cache import load_vae
@@ -70,11 +69,14 @@ def plan(inputs: list[str], out_dir: Path, settings: dict) -> list[tuple[str, Pa
                 f"{manifest} was written for different inputs ({len(old['shards'])} shards); "
                 "use a new --output directory for a different --input"
             )
-        diff = {k: (old.get("settings", {}).get(k), v) for k, v in settings.items()
-                if old.get("settings", {}).get(k) != v}
+        diff = {
+            k: (old.get("settings", {}).get(k), v) for k, v in settings.items() if old.get("settings", {}).get(k) != v
+        }
         if diff:
-            raise ValueError(f"{manifest} was written with other settings {diff} (saved, now); "
-                             "use a new --output directory or the same settings")
+            raise ValueError(
+                f"{manifest} was written with other settings {diff} (saved, now); "
+                "use a new --output directory or the same settings"
+            )
     else:
         write_text(manifest, json.dumps({"shards": mapping, "settings": settings}, indent=1, sort_keys=True))
     return pairs
@@ -98,16 +100,31 @@ def summarize(out_dir: Path, seconds: float, this_run: int) -> dict:
     return totals
 
 
-def run(input_pattern: str, output: str, vae_dir: str, opts: CacheOptions, num_workers: int,
-        address: Optional[str] = None, max_retries: int = 1, crash_after: Optional[int] = None,
-        log=print, crash_shard: Optional[str] = None) -> dict:
+def run(
+    input_pattern: str,
+    output: str,
+    vae_dir: str,
+    opts: CacheOptions,
+    num_workers: int,
+    address: Optional[str] = None,
+    max_retries: int = 1,
+    crash_after: Optional[int] = None,
+    log=print,
+    crash_shard: Optional[str] = None,
+) -> dict:
     """Encode every not-yet-done shard; returns the summary. Raises if shards still failed after retries."""
     import ray
     from tqdm import tqdm
 
     out_dir = Path(output).resolve()
-    settings = {"resolution": opts.resolution, "sample": opts.sample, "seed": opts.seed,
-                "min_size": opts.min_size, "max_pixels": opts.max_pixels, "vae_config": _vae_fingerprint(vae_dir)}
+    settings = {
+        "resolution": opts.resolution,
+        "sample": opts.sample,
+        "seed": opts.seed,
+        "min_size": opts.min_size,
+        "max_pixels": opts.max_pixels,
+        "vae_config": _vae_fingerprint(vae_dir),
+    }
     pairs = plan(expand_inputs(input_pattern), out_dir, settings)
     todo = [(u, p) for u, p in pairs if not done_record(p).is_file()]
     log(f"[precompute] {len(pairs)} input shards, {len(pairs) - len(todo)} already done, {len(todo)} to encode")
@@ -127,8 +144,10 @@ def run(input_pattern: str, output: str, vae_dir: str, opts: CacheOptions, num_w
     capacity = gpus if gpus >= 1 else max(1, cpus)  # more actors than fit would wait forever
     n = max(1, min(num_workers, len(todo), capacity))
     if n < num_workers:
-        log(f"[precompute] using {n} encoder actor(s): --num-workers {num_workers} but the cluster holds "
-            f"{capacity} {'GPU' if gpus else 'CPU'} actor(s) and {len(todo)} shard(s) are left")
+        log(
+            f"[precompute] using {n} encoder actor(s): --num-workers {num_workers} but the cluster holds "
+            f"{capacity} {'GPU' if gpus else 'CPU'} actor(s) and {len(todo)} shard(s) are left"
+        )
     Remote = ray.remote(EncoderWorker)
     opts_d = asdict(opts)
 
@@ -161,8 +180,10 @@ def run(input_pattern: str, output: str, vae_dir: str, opts: CacheOptions, num_w
             died = isinstance(exc, ray.exceptions.RayActorError)
             attempts[url] = attempts.get(url, 0) + 1
             cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
-            log(f"[precompute] {'worker died' if died else 'error'} while encoding {url} "
-                f"(attempt {attempts[url]}): {cause}")
+            log(
+                f"[precompute] {'worker died' if died else 'error'} while encoding {url} "
+                f"(attempt {attempts[url]}): {cause}"
+            )
             if attempts[url] <= max_retries:
                 queue.append((url, out))
             else:
@@ -170,9 +191,13 @@ def run(input_pattern: str, output: str, vae_dir: str, opts: CacheOptions, num_w
             idle.append(new_actor() if died else actor)
     bar.close()
     summary = summarize(out_dir, time.time() - t0, len(todo) - len(failed))
-    log(f"[precompute] done: {summary['out']} latents from {summary['in']} samples, skipped {summary['skipped']}, "
-        f"{images / max(time.time() - t0, 1e-6):.1f} images/s this run; summary {out_dir / SUMMARY}")
+    log(
+        f"[precompute] done: {summary['out']} latents from {summary['in']} samples, skipped {summary['skipped']}, "
+        f"{images / max(time.time() - t0, 1e-6):.1f} images/s this run; summary {out_dir / SUMMARY}"
+    )
     if failed:
-        raise RuntimeError(f"{len(failed)} shard(s) failed after {max_retries} retries ({failed[:3]}); "
-                           "rerun the same command to redo them")
+        raise RuntimeError(
+            f"{len(failed)} shard(s) failed after {max_retries} retries ({failed[:3]}); "
+            "rerun the same command to redo them"
+        )
     return summary

@@ -59,8 +59,7 @@ def read_latent_sample(parts: dict[str, bytes]) -> tuple[np.ndarray, str, dict]:
 
 
 class LatentSequenceDataset(IterableDataset):
-    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, start_batch: int = 0,
-                 max_epochs: Optional[int] = None):
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, start_batch: int = 0, max_epochs: Optional[int] = None):
         super().__init__()
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.start_batch, self.max_epochs = start_batch, max_epochs
@@ -191,9 +190,14 @@ class LatentSequenceDataset(IterableDataset):
                 yield batch
 
 
-def make_loader(cfg: Config, dp_rank: int, dp_size: int, start_batch: int = 0,
-                max_epochs: Optional[int] = None) -> DataLoader:
+def make_loader(
+    cfg: Config, dp_rank: int, dp_size: int, start_batch: int = 0, max_epochs: Optional[int] = None
+) -> DataLoader:
     ds = LatentSequenceDataset(cfg, dp_rank, dp_size, start_batch, max_epochs)
-    return DataLoader(ds, batch_size=None, num_workers=cfg.data.num_workers,
-                      persistent_workers=cfg.data.num_workers > 0, multiprocessing_context="spawn"
-                      if cfg.data.num_workers > 0 else None)
+    return DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+        multiprocessing_context="spawn" if cfg.data.num_workers > 0 else None,
+    )

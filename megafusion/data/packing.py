@@ -50,8 +50,14 @@ class SpecialTokens:
     eoi: int
 
 
-def make_document(caption_ids: list[int], latent: Optional[np.ndarray], tokens_per_image: int,
-                  sp: SpecialTokens, caption_first: bool, max_len: int) -> Document:
+def make_document(
+    caption_ids: list[int],
+    latent: Optional[np.ndarray],
+    tokens_per_image: int,
+    sp: SpecialTokens,
+    caption_first: bool,
+    max_len: int,
+) -> Document:
     """Lay out one pair; the caption is cut if the whole document would exceed ``max_len``."""
     if latent is None:
         text = caption_ids[: max(0, max_len - 2)]

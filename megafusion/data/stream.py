@@ -36,8 +36,14 @@ class TrainItem:
     noise: torch.Tensor  # [n_img, C, H, W] the diffusion target: epsilon, or v (diffusion.prediction)
 
 
-def noised_item(clean: FusionBatch, noise: torch.Tensor, t: torch.Tensor, schedule: CosineSchedule, cfg: Config,
-                device: torch.device) -> TrainItem:
+def noised_item(
+    clean: FusionBatch,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    schedule: CosineSchedule,
+    cfg: Config,
+    device: torch.device,
+) -> TrainItem:
     """A clean micro-batch, its noise and timesteps -> what the stages consume (x_t in the batch, the target beside)."""
     noisy, target = noised(schedule, clean.latents, noise, t, cfg.diffusion.prediction)
     return TrainItem(replace(clean, latents=noisy, timesteps=t).to(device), target.to(device))

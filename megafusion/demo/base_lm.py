@@ -49,9 +49,12 @@ def _batches(tok, texts: list[str], batch: int, seq: int, rng: random.Random):
     stream: list[int] = []
     while True:
         while len(stream) < batch * seq:
-            stream += [tok.bos_token_id, *tok(rng.choice(texts), add_special_tokens=False)["input_ids"],
-                       tok.eos_token_id]
-        block, stream = stream[: batch * seq], stream[batch * seq:]
+            stream += [
+                tok.bos_token_id,
+                *tok(rng.choice(texts), add_special_tokens=False)["input_ids"],
+                tok.eos_token_id,
+            ]
+        block, stream = stream[: batch * seq], stream[batch * seq :]
         yield torch.tensor(block).view(batch, seq)
 
 
@@ -76,9 +79,18 @@ def perplexity(model_dir: str | Path, tokenizer_dir: str | Path, texts: list[str
     return sequence_perplexity(lambda ids: model(ids).logits, tok, texts)
 
 
-def train_base_llama(out_dir: str | Path, tokenizer_dir: str | Path, m: ModelConfig, steps: int = 300,
-                     batch: int = 16, seq: int = 64, lr: float = 3e-3, seed: int = 0,
-                     log: Callable[[str], None] = print, log_every: int = 50) -> dict:
+def train_base_llama(
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    m: ModelConfig,
+    steps: int = 300,
+    batch: int = 16,
+    seq: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    log_every: int = 50,
+) -> dict:
     """Train and save (atomically) a LlamaForCausalLM with ``m``'s dimensions; returns {"perplexity", ...}."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 

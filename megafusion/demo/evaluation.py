@@ -34,8 +34,10 @@ def generation_scores(samples_dir: str | Path) -> dict[str, float]:
 
     d = Path(samples_dir)
     rec = json.loads((d / "samples.json").read_text())
-    pairs = [(read_attributes(Image.open(d / f"image_{r['index']:03d}.png")), parse_caption(r["prompt"]))
-             for r in rec["images"]]
+    pairs = [
+        (read_attributes(Image.open(d / f"image_{r['index']:03d}.png")), parse_caption(r["prompt"]))
+        for r in rec["images"]
+    ]
     return _shares(pairs)
 
 

@@ -47,8 +47,10 @@ def loss_plot(metrics_jsonl: str | Path, out_png: str | Path, width: int = 640, 
     return Path(out_png)
 
 
-TITLES = {"llamafusion": "LlamaFusion (frozen text tower, trainable image tower)",
-          "transfusion": "Transfusion-style baseline (one tower, every weight trained)"}
+TITLES = {
+    "llamafusion": "LlamaFusion (frozen text tower, trainable image tower)",
+    "transfusion": "Transfusion-style baseline (one tower, every weight trained)",
+}
 ROWS = [(part, key) for part in ("generation", "understanding") for key in ("color", "shape", "position", "all")]
 
 
@@ -62,12 +64,20 @@ def _comparison(metrics: dict[str, dict]) -> list[str]:
     lines = ["| score | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for part, key in ROWS:
         n = next((m[part]["n"] for m in metrics.values() if m.get(part)), "")
-        lines.append(f"| {part} {key} (n={n}) | " + " | ".join(_fmt(metrics[m].get(part, {}).get(key))
-                                                          for m in names) + " |")
+        lines.append(
+            f"| {part} {key} (n={n}) | " + " | ".join(_fmt(metrics[m].get(part, {}).get(key)) for m in names) + " |"
+        )
     base = next((m["language"]["base_perplexity"] for m in metrics.values() if "language" in m), None)
-    lines.append(f"| text perplexity (base Llama {'-' if base is None else f'{base:.6f}'}) | " + " | ".join(
-        f"{metrics[m]['language']['trained_perplexity']:.6f}" if "trained_perplexity" in metrics[m].get("language", {})
-        else "-" for m in names) + " |")
+    lines.append(
+        f"| text perplexity (base Llama {'-' if base is None else f'{base:.6f}'}) | "
+        + " | ".join(
+            f"{metrics[m]['language']['trained_perplexity']:.6f}"
+            if "trained_perplexity" in metrics[m].get("language", {})
+            else "-"
+            for m in names
+        )
+        + " |"
+    )
     return lines
 
 
@@ -82,20 +92,41 @@ def write_report(run: str | Path, metrics: dict[str, dict], stage_seconds: dict[
     rep.mkdir(parents=True, exist_ok=True)
     (rep / "metrics.json").write_text(json.dumps({**metrics, "stage_seconds": stage_seconds}, indent=1))
     rel = lambda p: os.path.relpath(p, rep)  # noqa: E731
-    lines = ["# megafusion run report", "",
-             f"Run folder `{run}`. Generation: an image drawn for each caption (every colour x shape x position at "
-             "60 samples), attributes read from the pixels. Understanding: captions of freshly drawn images, "
-             "attributes parsed from the text. Language: held-out text perplexity (the base Llama's is kept exactly "
-             "by a frozen text tower).", "", "## Scores", "", *_comparison(metrics), ""]
+    lines = [
+        "# megafusion run report",
+        "",
+        f"Run folder `{run}`. Generation: an image drawn for each caption (every colour x shape x position at "
+        "60 samples), attributes read from the pixels. Understanding: captions of freshly drawn images, "
+        "attributes parsed from the text. Language: held-out text perplexity (the base Llama's is kept exactly "
+        "by a frozen text tower).",
+        "",
+        "## Scores",
+        "",
+        *_comparison(metrics),
+        "",
+    ]
     for name in metrics:
         loss_plot(run / name / "train" / "metrics.jsonl", rep / f"loss_{name}.png")
         samples = run / name / "samples"
-        lines += [f"## {TITLES.get(name, name)}", "",
-                  f"![{name} generated images]({rel(samples / 'images.png')})", "",
-                  f"![{name} captioned images]({rel(samples / 'captions.png')})", "",
-                  f"![{name} losses](loss_{name}.png)", ""]
-    lines += ["## Stage times (s)", "", "| " + " | ".join(stage_seconds) + " |", "|" + "---|" * len(stage_seconds),
-              "| " + " | ".join(f"{v:.1f}" for v in stage_seconds.values()) + " |", "",
-              f"Total {sum(stage_seconds.values()):.0f} s.", ""]
+        lines += [
+            f"## {TITLES.get(name, name)}",
+            "",
+            f"![{name} generated images]({rel(samples / 'images.png')})",
+            "",
+            f"![{name} captioned images]({rel(samples / 'captions.png')})",
+            "",
+            f"![{name} losses](loss_{name}.png)",
+            "",
+        ]
+    lines += [
+        "## Stage times (s)",
+        "",
+        "| " + " | ".join(stage_seconds) + " |",
+        "|" + "---|" * len(stage_seconds),
+        "| " + " | ".join(f"{v:.1f}" for v in stage_seconds.values()) + " |",
+        "",
+        f"Total {sum(stage_seconds.values()):.0f} s.",
+        "",
+    ]
     (rep / "report.md").write_text("\n".join(lines))
     return rep / "report.md"

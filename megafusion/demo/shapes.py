@@ -22,8 +22,11 @@ from PIL import Image, ImageDraw
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = {  # centre of the shape as a fraction of the side
-    "top left": (0.28, 0.28), "top right": (0.72, 0.28), "bottom left": (0.28, 0.72),
-    "bottom right": (0.72, 0.72), "center": (0.5, 0.5),
+    "top left": (0.28, 0.28),
+    "top right": (0.72, 0.28),
+    "bottom left": (0.28, 0.72),
+    "bottom right": (0.72, 0.72),
+    "center": (0.5, 0.5),
 }
 BACKGROUND = (245, 245, 240)
 
@@ -50,8 +53,9 @@ def parse_caption(text: str) -> dict[str, str]:
     return {"color": one(COLORS), "shape": one(SHAPES), "position": one(POSITIONS)}
 
 
-def draw_shape(color: str, shape: str, position: str, size: int = 64, jitter: float = 0.0,
-               rng: random.Random | None = None) -> Image.Image:
+def draw_shape(
+    color: str, shape: str, position: str, size: int = 64, jitter: float = 0.0, rng: random.Random | None = None
+) -> Image.Image:
     """One RGB image of ``size`` x ``size`` pixels."""
     rng = rng or random.Random(0)
     img = Image.new("RGB", (size, size), BACKGROUND)

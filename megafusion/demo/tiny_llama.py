@@ -20,19 +20,36 @@ def hf_llama_config(cfg: ModelConfig, **extra):
     rs = cfg.rope_scaling
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if rs.rope_type == "llama3":
-        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": rs.factor,
-                "low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
-                "original_max_position_embeddings": rs.original_max_position_embeddings}
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": cfg.rope_theta,
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings,
+        }
     return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_word_embeddings, **extra,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        **extra,
     )
 
 
-def write_random_hf_llama(cfg: ModelConfig, path: str | Path, seed: int = 0,
-                          max_params: Optional[int] = MAX_RANDOM_PARAMS, norm_noise: float = 0.0) -> Path:
+def write_random_hf_llama(
+    cfg: ModelConfig,
+    path: str | Path,
+    seed: int = 0,
+    max_params: Optional[int] = MAX_RANDOM_PARAMS,
+    norm_noise: float = 0.0,
+) -> Path:
     """Save a random LlamaForCausalLM with cfg's dimensions (safetensors) to ``path`` unless one is there.
 
     ``max_params`` guards against building a preset-sized random model by mistake

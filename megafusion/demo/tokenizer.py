@@ -31,7 +31,8 @@ def write_word_tokenizer(path: str | Path, words: Iterable[str] | None = None) -
     vocab = {w: i for i, w in enumerate(SPECIALS + list(words if words is not None else shapes_vocabulary()))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.save_pretrained(str(path))
     return path

@@ -24,7 +24,7 @@ from megafusion.durable import publish
 
 
 def build_vae(downsample: int = 4, latent_channels: int = 4, channels: int = 32):
-    """The AutoencoderKL architecture of the pipeline: ``log2(downsample) + 1`` blocks, spatial factor ``downsample``."""
+    """The pipeline's AutoencoderKL architecture: ``log2(downsample) + 1`` blocks, spatial factor ``downsample``."""
     from diffusers import AutoencoderKL
 
     levels = downsample.bit_length()  # 4 -> 3 blocks (two downsamplings)
@@ -32,9 +32,15 @@ def build_vae(downsample: int = 4, latent_channels: int = 4, channels: int = 32)
         raise ValueError(f"downsample={downsample} must be a power of two")
     chans = tuple([channels] + [2 * channels] * (levels - 1))
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=chans,
-        latent_channels=latent_channels, layers_per_block=1, norm_num_groups=min(32, channels), sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=chans,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=min(32, channels),
+        sample_size=64,
     )
 
 
@@ -63,9 +69,20 @@ def reconstruction_accuracy(vae, size: int, n: int = 120, seed: int = 12345) -> 
     return {k: sum(g[k] == a[k] for g, a in zip(got, attrs)) / n for k in ("color", "shape", "position")}
 
 
-def train_vae(out_dir: str | Path, image_size: int = 32, downsample: int = 4, latent_channels: int = 4,
-              steps: int = 800, batch_size: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6, seed: int = 0,
-              log: Callable[[str], None] = print, log_every: int = 100, channels: int = 32) -> dict:
+def train_vae(
+    out_dir: str | Path,
+    image_size: int = 32,
+    downsample: int = 4,
+    latent_channels: int = 4,
+    steps: int = 800,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    kl_weight: float = 1e-6,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    log_every: int = 100,
+    channels: int = 32,
+) -> dict:
     """Train, set the latent scaling, save (atomically) and return {"accuracy", "scaling_factor", "seconds"}."""
     out = Path(out_dir)
     torch.manual_seed(seed)
@@ -96,6 +113,8 @@ def train_vae(out_dir: str | Path, image_size: int = 32, downsample: int = 4, la
     vae.save_pretrained(tmp)
     publish(tmp, out)
     info = {"accuracy": acc, "scaling_factor": scaling, "seconds": round(time.time() - t0, 1)}
-    log(f"[vae] reconstructions read back: colour {acc['color']:.2f} shape {acc['shape']:.2f} "
-        f"position {acc['position']:.2f}; scaling_factor {scaling:.3f}; saved {out}")
+    log(
+        f"[vae] reconstructions read back: colour {acc['color']:.2f} shape {acc['shape']:.2f} "
+        f"position {acc['position']:.2f}; scaling_factor {scaling:.3f}; saved {out}"
+    )
     return info

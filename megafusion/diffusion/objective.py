@@ -22,8 +22,9 @@ from megafusion.config.schema import DiffusionConfig
 from megafusion.diffusion.schedule import CosineSchedule
 
 
-def sample_timesteps(cfg: DiffusionConfig, n: int, generator: torch.Generator,
-                     caption_after: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample_timesteps(
+    cfg: DiffusionConfig, n: int, generator: torch.Generator, caption_after: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Timesteps [n] for n images; ``caption_after`` [n] bool marks captioning pairs (capped noise)."""
     t = torch.randint(0, cfg.num_timesteps, (n,), generator=generator)
     if cfg.understanding_max_timestep < cfg.num_timesteps and caption_after is not None:
@@ -32,8 +33,9 @@ def sample_timesteps(cfg: DiffusionConfig, n: int, generator: torch.Generator,
     return t
 
 
-def noised(schedule: CosineSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-           prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+def noised(
+    schedule: CosineSchedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, prediction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean latents x0 [n, C, H, W], noise and timesteps [n] -> (x_t the model sees, the target it predicts)."""
     return schedule.add_noise(x0, noise, t), schedule.target(x0, noise, t, prediction)
 

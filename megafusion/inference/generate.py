@@ -37,8 +37,10 @@ def _device(model) -> torch.device:
 def _need_generator(model, generator: Optional[torch.Generator], what: str) -> None:
     """TP ranks must draw the same random numbers: require an explicitly seeded generator there."""
     if generator is None and model.pctx.tp_size > 1:
-        raise ValueError(f"{what} at tensor-parallel size {model.pctx.tp_size} needs generator= (the same seed on "
-                         "every rank), otherwise ranks draw different tokens or noise")
+        raise ValueError(
+            f"{what} at tensor-parallel size {model.pctx.tp_size} needs generator= (the same seed on "
+            "every rank), otherwise ranks draw different tokens or noise"
+        )
 
 
 def _prompt_list(model, prompts: Prompts, what: str = "prompt") -> list[list[int]]:
@@ -61,8 +63,9 @@ def _prompt_list(model, prompts: Prompts, what: str = "prompt") -> list[list[int
     return rows
 
 
-def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
-               generator: Optional[torch.Generator]) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: Optional[torch.Generator]
+) -> torch.Tensor:
     """logits [b, V] -> token ids [b]: argmax, or a draw at ``temperature`` from the top-p nucleus."""
     logits = logits.float()
     if not do_sample:
@@ -78,9 +81,19 @@ def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p:
     return draw.to(logits.device)
 
 
-def _decode(model, cache: KVCache, logits: torch.Tensor, next_pos: torch.Tensor, max_new_tokens: int,
-            eos_token_id: Optional[int], do_sample: bool, temperature: float, top_p: float,
-            generator: Optional[torch.Generator], banned: Sequence[int] = ()) -> torch.Tensor:
+def _decode(
+    model,
+    cache: KVCache,
+    logits: torch.Tensor,
+    next_pos: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: Optional[int],
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    generator: Optional[torch.Generator],
+    banned: Sequence[int] = (),
+) -> torch.Tensor:
     """Autoregressive tokens [b, n] after the cached prefix; rows that emitted EOS are padded with EOS."""
     if do_sample:
         _need_generator(model, generator, "sampling text")
@@ -99,17 +112,27 @@ def _decode(model, cache: KVCache, logits: torch.Tensor, next_pos: torch.Tensor,
         out.append(tok)
         if bool(done.all()) or i == max_new_tokens - 1:
             break
-        batch = FusionBatch(input_ids=tok[:, None], image_ids=torch.full((b, 1), -1, device=dev),
-                            position_ids=(next_pos + i)[:, None], document_ids=torch.zeros(b, 1, dtype=torch.long,
-                                                                                            device=dev))
+        batch = FusionBatch(
+            input_ids=tok[:, None],
+            image_ids=torch.full((b, 1), -1, device=dev),
+            position_ids=(next_pos + i)[:, None],
+            document_ids=torch.zeros(b, 1, dtype=torch.long, device=dev),
+        )
         logits, _ = model.forward_cached(batch, cache)
     return torch.stack(out, 1) if out else torch.zeros(b, 0, dtype=torch.long, device=dev)
 
 
 @torch.no_grad()
-def generate_text(model, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
-                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id: Optional[int] = None,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def generate_text(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """[b, s] prompt ids (same length, no padding) -> [b, s + n]: the prompt then the new tokens, like HF generate."""
     _prompt_list(model, input_ids)
     dev = _device(model)
@@ -117,8 +140,18 @@ def generate_text(model, input_ids: torch.Tensor, max_new_tokens: int = 32, do_s
     b, s = input_ids.shape
     cache = KVCache(b)
     logits, _ = model.forward_cached(FusionBatch.text_only(input_ids), cache)
-    new = _decode(model, cache, logits, torch.full((b,), s, device=dev), max_new_tokens, eos_token_id, do_sample,
-                  temperature, top_p, generator)
+    new = _decode(
+        model,
+        cache,
+        logits,
+        torch.full((b,), s, device=dev),
+        max_new_tokens,
+        eos_token_id,
+        do_sample,
+        temperature,
+        top_p,
+        generator,
+    )
     return torch.cat([input_ids, new], 1)
 
 
@@ -129,15 +162,16 @@ def _left_padded(rows: list[list[int]], dev: torch.device) -> tuple[FusionBatch,
     doc = torch.full((b, length), -1, dtype=torch.long)  # padding: another document, never attended to
     pos = torch.zeros(b, length, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, length - len(r):] = torch.tensor(r)
-        doc[i, length - len(r):] = 0
-        pos[i, length - len(r):] = torch.arange(len(r))
+        ids[i, length - len(r) :] = torch.tensor(r)
+        doc[i, length - len(r) :] = 0
+        pos[i, length - len(r) :] = torch.arange(len(r))
     batch = FusionBatch(input_ids=ids, image_ids=torch.full((b, length), -1), position_ids=pos, document_ids=doc)
     return batch.to(dev), torch.tensor([len(r) for r in rows], device=dev)
 
 
-def _image_batch(model, latents: torch.Tensor, t: torch.Tensor, start: torch.Tensor,
-                 extra_ids: Sequence[int] = ()) -> FusionBatch:
+def _image_batch(
+    model, latents: torch.Tensor, t: torch.Tensor, start: torch.Tensor, extra_ids: Sequence[int] = ()
+) -> FusionBatch:
     """One image per row (row i = image i) at positions start[i]..., then optional text ids (e.g. <EOI>)."""
     b = latents.shape[0]
     dev = latents.device
@@ -149,13 +183,29 @@ def _image_batch(model, latents: torch.Tensor, t: torch.Tensor, start: torch.Ten
     if extra_ids:
         ids[:, T:] = torch.tensor(list(extra_ids), device=dev)
     pos = start[:, None] + torch.arange(n, device=dev)[None]
-    return FusionBatch(input_ids=ids, image_ids=img, position_ids=pos,
-                       document_ids=torch.zeros(b, n, dtype=torch.long, device=dev), latents=latents, timesteps=t)
+    return FusionBatch(
+        input_ids=ids,
+        image_ids=img,
+        position_ids=pos,
+        document_ids=torch.zeros(b, n, dtype=torch.long, device=dev),
+        latents=latents,
+        timesteps=t,
+    )
 
 
-def _denoise(model, predict: Callable[[torch.Tensor, int], torch.Tensor], n: int, guidance_scale: Optional[float],
-             num_steps: int, sampler: str, eta: Optional[float], num_train_timesteps: int,
-             generator: Optional[torch.Generator], progress: bool, prediction: str = "epsilon") -> torch.Tensor:
+def _denoise(
+    model,
+    predict: Callable[[torch.Tensor, int], torch.Tensor],
+    n: int,
+    guidance_scale: Optional[float],
+    num_steps: int,
+    sampler: str,
+    eta: Optional[float],
+    num_train_timesteps: int,
+    generator: Optional[torch.Generator],
+    progress: bool,
+    prediction: str = "epsilon",
+) -> torch.Tensor:
     """Sample n latents [n, C, H, W]; ``predict(x, t)`` gives eps or v for x (both CFG halves when guided)."""
     from tqdm import tqdm
 
@@ -176,10 +226,20 @@ def _denoise(model, predict: Callable[[torch.Tensor, int], torch.Tensor], n: int
 
 
 @torch.no_grad()
-def generate_images(model, prompts: Prompts, num_steps: int = 50, sampler: str = "ddim", eta: Optional[float] = None,
-                    guidance_scale: Optional[float] = None, uncond_prompt: Optional[Sequence[int]] = None,
-                    generator: Optional[torch.Generator] = None, use_cache: bool = True,
-                    num_train_timesteps: int = 1000, progress: bool = False, prediction: str = "epsilon") -> torch.Tensor:
+def generate_images(
+    model,
+    prompts: Prompts,
+    num_steps: int = 50,
+    sampler: str = "ddim",
+    eta: Optional[float] = None,
+    guidance_scale: Optional[float] = None,
+    uncond_prompt: Optional[Sequence[int]] = None,
+    generator: Optional[torch.Generator] = None,
+    use_cache: bool = True,
+    num_train_timesteps: int = 1000,
+    progress: bool = False,
+    prediction: str = "epsilon",
+) -> torch.Tensor:
     """Caption ids (each starting with <s>, as in training) -> sampled latents [n, C, H, W] (float32, CPU).
 
     ``guidance_scale`` None samples unguided; a number runs classifier-free guidance with
@@ -206,6 +266,7 @@ def generate_images(model, prompts: Prompts, num_steps: int = 50, sampler: str =
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=dev)
             return model.forward_cached(_image_batch(model, x.to(dev, dtype), tt, lengths), cache, logits=False)[1]
     else:
+
         def predict(x: torch.Tensor, t: int) -> torch.Tensor:
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=dev)
             image = _image_batch(model, x.to(dev, dtype), tt, lengths)
@@ -214,42 +275,69 @@ def generate_images(model, prompts: Prompts, num_steps: int = 50, sampler: str =
                 image_ids=torch.cat([prefix.image_ids, image.image_ids], 1),
                 position_ids=torch.cat([prefix.position_ids, image.position_ids], 1),
                 document_ids=torch.cat([prefix.document_ids, image.document_ids], 1),
-                latents=image.latents, timesteps=tt,
+                latents=image.latents,
+                timesteps=tt,
             )
             return model(whole, check=False).image_pred
-    return _denoise(model, predict, n, guidance_scale, num_steps, sampler, eta, num_train_timesteps, generator,
-                    progress, prediction)
+
+    return _denoise(
+        model, predict, n, guidance_scale, num_steps, sampler, eta, num_train_timesteps, generator, progress, prediction
+    )
 
 
 def _check_latents(model, latents: torch.Tensor) -> None:
     img = model.cfg.image
     want = (img.latent_channels, img.latent_size, img.latent_size)
     if latents.ndim != 4 or tuple(latents.shape[1:]) != want:
-        raise ValueError(f"latents must be [n, {want[0]}, {want[1]}, {want[2]}] (images of {img.image_size} px "
-                         f"through the VAE), got shape {tuple(latents.shape)}")
+        raise ValueError(
+            f"latents must be [n, {want[0]}, {want[1]}, {want[2]}] (images of {img.image_size} px "
+            f"through the VAE), got shape {tuple(latents.shape)}"
+        )
 
 
 @torch.no_grad()
-def caption(model, latents: torch.Tensor, bos_token_id: int, eos_token_id: Optional[int] = None,
-            max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-            generator: Optional[torch.Generator] = None) -> list[list[int]]:
+def caption(
+    model,
+    latents: torch.Tensor,
+    bos_token_id: int,
+    eos_token_id: Optional[int] = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> list[list[int]]:
     """Clean image latents [n, C, H, W] -> caption ids per image (up to, not including, EOS)."""
     _check_latents(model, latents)
     dev = _device(model)
     n = latents.shape[0]
     cfg = model.cfg
     cache = KVCache(n)
-    head = FusionBatch(input_ids=torch.tensor([[bos_token_id, cfg.boi_token_id]] * n, device=dev),
-                       image_ids=torch.full((n, 2), -1, device=dev), document_ids=torch.zeros(n, 2, dtype=torch.long,
-                                                                                              device=dev))
+    head = FusionBatch(
+        input_ids=torch.tensor([[bos_token_id, cfg.boi_token_id]] * n, device=dev),
+        image_ids=torch.full((n, 2), -1, device=dev),
+        document_ids=torch.zeros(n, 2, dtype=torch.long, device=dev),
+    )
     model.forward_cached(head, cache, logits=False)
     t0 = torch.zeros(n, dtype=torch.long, device=dev)  # clean image: timestep 0
     start = torch.full((n,), 2, device=dev)
     logits, _ = model.forward_cached(
-        _image_batch(model, latents.to(dev, model.params_dtype), t0, start, [cfg.eoi_token_id]), cache)
+        _image_batch(model, latents.to(dev, model.params_dtype), t0, start, [cfg.eoi_token_id]), cache
+    )
     T = cfg.image.tokens_per_image
-    new = _decode(model, cache, logits, start + T + 1, max_new_tokens, eos_token_id, do_sample, temperature, top_p,
-                  generator, banned=(cfg.boi_token_id, cfg.eoi_token_id))
+    new = _decode(
+        model,
+        cache,
+        logits,
+        start + T + 1,
+        max_new_tokens,
+        eos_token_id,
+        do_sample,
+        temperature,
+        top_p,
+        generator,
+        banned=(cfg.boi_token_id, cfg.eoi_token_id),
+    )
     out = []
     for row in new.tolist():
         out.append(row[: row.index(eos_token_id)] if eos_token_id is not None and eos_token_id in row else row)
@@ -257,11 +345,23 @@ def caption(model, latents: torch.Tensor, bos_token_id: int, eos_token_id: Optio
 
 
 @torch.no_grad()
-def generate_interleaved(model, input_ids: Sequence[int], max_new_tokens: int = 64, max_images: int = 1,
-                         eos_token_id: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
-                         top_p: float = 1.0, num_steps: int = 50, sampler: str = "ddim", eta: Optional[float] = None,
-                         num_train_timesteps: int = 1000, generator: Optional[torch.Generator] = None,
-                         progress: bool = False, prediction: str = "epsilon") -> tuple[list[int], list[torch.Tensor]]:
+def generate_interleaved(
+    model,
+    input_ids: Sequence[int],
+    max_new_tokens: int = 64,
+    max_images: int = 1,
+    eos_token_id: Optional[int] = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_steps: int = 50,
+    sampler: str = "ddim",
+    eta: Optional[float] = None,
+    num_train_timesteps: int = 1000,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+    prediction: str = "epsilon",
+) -> tuple[list[int], list[torch.Tensor]]:
     """One prompt -> (ids, images): text until the model emits <BOI>, an image sampled in place
     (attending to everything before it), <EOI>, then text again; at most ``max_images``
     images (after that <BOI> is never drawn). Unguided. The ids hold <BOI>/<EOI> where
@@ -285,19 +385,32 @@ def generate_interleaved(model, input_ids: Sequence[int], max_new_tokens: int = 
 
             def predict(x: torch.Tensor, t: int, start: torch.Tensor = start) -> torch.Tensor:
                 tt = torch.full((1,), t, dtype=torch.long, device=dev)
-                return model.forward_cached(_image_batch(model, x.to(dev, model.params_dtype), tt, start), cache,
-                                            logits=False)[1]
+                return model.forward_cached(
+                    _image_batch(model, x.to(dev, model.params_dtype), tt, start), cache, logits=False
+                )[1]
 
             cache.frozen = True  # every denoising step attends to the same prefix
             try:
-                latent = _denoise(model, predict, 1, None, num_steps, sampler, eta, num_train_timesteps, generator,
-                                  progress, prediction)
+                latent = _denoise(
+                    model,
+                    predict,
+                    1,
+                    None,
+                    num_steps,
+                    sampler,
+                    eta,
+                    num_train_timesteps,
+                    generator,
+                    progress,
+                    prediction,
+                )
             finally:
                 cache.frozen = False
             images.append(latent[0])
             t0 = torch.zeros(1, dtype=torch.long, device=dev)  # the finished image enters the context clean
             logits, _ = model.forward_cached(
-                _image_batch(model, latent.to(dev, model.params_dtype), t0, start, [cfg.eoi_token_id]), cache)
+                _image_batch(model, latent.to(dev, model.params_dtype), t0, start, [cfg.eoi_token_id]), cache
+            )
             pos += cfg.image.tokens_per_image + 1
             out.append(cfg.eoi_token_id)
         if made >= max_new_tokens:
@@ -311,7 +424,11 @@ def generate_interleaved(model, input_ids: Sequence[int], max_new_tokens: int = 
         if tok == eos_token_id:
             break
         one = torch.tensor([[tok]], device=dev)
-        logits, _ = model.forward_cached(FusionBatch(input_ids=one, image_ids=torch.full_like(one, -1),
-                                                     position_ids=torch.tensor([[pos]], device=dev)), cache)
+        logits, _ = model.forward_cached(
+            FusionBatch(
+                input_ids=one, image_ids=torch.full_like(one, -1), position_ids=torch.tensor([[pos]], device=dev)
+            ),
+            cache,
+        )
         pos += 1
     return out, images

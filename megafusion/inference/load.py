@@ -42,15 +42,24 @@ def load_for_inference(path: str | Path, pctx: ParallelContext, cls: type[M] = L
     if (path / CONFIG_FILE).is_file():
         model = load_exported(path, pctx, cls=cls)
         diffusion = json.loads((path / CONFIG_FILE).read_text()).get("diffusion", {})
-        return Loaded(model.eval(), int(diffusion.get("num_timesteps", 1000)), diffusion.get("prediction", "epsilon"),
-                      [str(path)], f"exported {path}")
+        return Loaded(
+            model.eval(),
+            int(diffusion.get("num_timesteps", 1000)),
+            diffusion.get("prediction", "epsilon"),
+            [str(path)],
+            f"exported {path}",
+        )
     ckpt = path if (path / "meta.json").is_file() else latest_checkpoint(path) if (path / "latest").is_file() else None
     if ckpt is None:
         if (path / "config.json").is_file():
-            raise ValueError(f"{path}: a plain Hugging Face Llama without an image tower; sample from a megafusion "
-                             "checkpoint or a tools/export_hf.py directory")
-        raise FileNotFoundError(f"{path}: neither an exported model ({CONFIG_FILE}) nor a megafusion checkpoint "
-                                "(meta.json or a `latest` pointer)")
+            raise ValueError(
+                f"{path}: a plain Hugging Face Llama without an image tower; sample from a megafusion "
+                "checkpoint or a tools/export_hf.py directory"
+            )
+        raise FileNotFoundError(
+            f"{path}: neither an exported model ({CONFIG_FILE}) nor a megafusion checkpoint "
+            "(meta.json or a `latest` pointer)"
+        )
     cfg, meta, index, hf_dir = open_checkpoint(ckpt)
     model = build_llamafusion(cfg.model, pctx, hf_dir, seed=cfg.seed, cls=cls)
     lay = meta["layout"]
@@ -61,8 +70,13 @@ def load_for_inference(path: str | Path, pctx: ParallelContext, cls: type[M] = L
         load_image_side(model, full)
     model.requires_grad_(False)  # inference: no autograd graphs (the baseline's weights all train otherwise)
     dirs = [d for d in (cfg.data.tokenizer, str(hf_dir)) if d]
-    return Loaded(model.eval(), cfg.diffusion.num_timesteps, cfg.diffusion.prediction, dirs,
-                  f"checkpoint {ckpt} (step {meta['step']})")
+    return Loaded(
+        model.eval(),
+        cfg.diffusion.num_timesteps,
+        cfg.diffusion.prediction,
+        dirs,
+        f"checkpoint {ckpt} (step {meta['step']})",
+    )
 
 
 def _load_own_shard(model: LlamaFusionModel, ckpt: Path, index: dict) -> None:
@@ -72,11 +86,13 @@ def _load_own_shard(model: LlamaFusionModel, ckpt: Path, index: dict) -> None:
     saved = {canonical_name(k): v for k, v in load_file(str(ckpt / rel)).items() if canonical_name(k)}
     params = {n: p for n, p in model.named_parameters() if model.trains(n)}
     if set(saved) != set(params):
-        raise CheckpointError(f"{ckpt / rel}: trained parameters differ from the model's, e.g. "
-                              f"{sorted(set(saved) ^ set(params))[:3]}")
+        raise CheckpointError(
+            f"{ckpt / rel}: trained parameters differ from the model's, e.g. {sorted(set(saved) ^ set(params))[:3]}"
+        )
     with torch.no_grad():
         for name, p in params.items():
             if tuple(saved[name].shape) != tuple(p.shape):
-                raise CheckpointError(f"{ckpt / rel}: {name} has shape {tuple(saved[name].shape)}, "
-                                      f"model {tuple(p.shape)}")
+                raise CheckpointError(
+                    f"{ckpt / rel}: {name} has shape {tuple(saved[name].shape)}, model {tuple(p.shape)}"
+                )
             p.copy_(saved[name].to(dtype=p.dtype, device=p.device))

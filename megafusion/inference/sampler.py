@@ -56,9 +56,17 @@ def default_clip_x0(prediction: str) -> Optional[float]:
     return EPSILON_CLIP_X0 if prediction == "epsilon" else None
 
 
-def step(schedule: CosineSchedule, x: torch.Tensor, pred: torch.Tensor, t: int, t_prev: int, eta: float,
-         generator: Optional[torch.Generator] = None, clip_x0: Union[float, None, str] = "auto",
-         prediction: str = "epsilon") -> torch.Tensor:
+def step(
+    schedule: CosineSchedule,
+    x: torch.Tensor,
+    pred: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eta: float,
+    generator: Optional[torch.Generator] = None,
+    clip_x0: Union[float, None, str] = "auto",
+    prediction: str = "epsilon",
+) -> torch.Tensor:
     """One update from timestep ``t`` to ``t_prev`` (-1 = the clean sample); ``pred`` is eps or v.
 
     ``clip_x0`` clamps the predicted clean latent to [-clip_x0, clip_x0]; 'auto' is

@@ -49,8 +49,13 @@ class AttentionMask:
 
             b, s = document_ids.shape
             block = create_block_mask(
-                hybrid_mask_mod(document_ids, image_ids), B=b, H=None, Q_LEN=s, KV_LEN=s,
-                device=document_ids.device, _compile=document_ids.is_cuda,
+                hybrid_mask_mod(document_ids, image_ids),
+                B=b,
+                H=None,
+                Q_LEN=s,
+                KV_LEN=s,
+                device=document_ids.device,
+                _compile=document_ids.is_cuda,
             )
             return AttentionMask("flex", block_mask=block)
         raise ValueError(f"model.attention_backend={backend!r} must be auto, sdpa or flex")

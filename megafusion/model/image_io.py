@@ -243,4 +243,3 @@ def build_image_io(cfg: ImageConfig, hidden_size: int, eps: float, seed: int) ->
         image_in = build_image_in(cfg, hidden_size)
         image_out = build_image_out(cfg, hidden_size, eps)
     return image_in, image_out
-

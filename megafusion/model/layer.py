@@ -53,17 +53,27 @@ class FusionLayer(nn.Module):
         self.ffn_local = cfg.ffn_hidden_size // pctx.tp_size
         shared = cfg.architecture == "transfusion"  # one tower for both modalities (the baseline)
         self.qkv = RoutedColumnParallelLinear(
-            cfg.hidden_size, (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * d,
-            config=config, pctx=pctx, pre_norm_eps=cfg.rms_norm_eps, shared=shared,
-        )
-        self.o = RoutedRowParallelLinear(cfg.num_attention_heads * d, cfg.hidden_size, config=config, pctx=pctx,
-                                         shared=shared)
-        self.gate_up = RoutedColumnParallelLinear(
-            cfg.hidden_size, 2 * cfg.ffn_hidden_size, config=config, pctx=pctx, pre_norm_eps=cfg.rms_norm_eps,
+            cfg.hidden_size,
+            (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * d,
+            config=config,
+            pctx=pctx,
+            pre_norm_eps=cfg.rms_norm_eps,
             shared=shared,
         )
-        self.down = RoutedRowParallelLinear(cfg.ffn_hidden_size, cfg.hidden_size, config=config, pctx=pctx,
-                                            shared=shared)
+        self.o = RoutedRowParallelLinear(
+            cfg.num_attention_heads * d, cfg.hidden_size, config=config, pctx=pctx, shared=shared
+        )
+        self.gate_up = RoutedColumnParallelLinear(
+            cfg.hidden_size,
+            2 * cfg.ffn_hidden_size,
+            config=config,
+            pctx=pctx,
+            pre_norm_eps=cfg.rms_norm_eps,
+            shared=shared,
+        )
+        self.down = RoutedRowParallelLinear(
+            cfg.ffn_hidden_size, cfg.hidden_size, config=config, pctx=pctx, shared=shared
+        )
 
     def forward(self, x: torch.Tensor, inp: LayerInputs) -> torch.Tensor:
         """x [s_local, b, h] -> [s_local, b, h]."""

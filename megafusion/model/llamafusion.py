@@ -99,8 +99,10 @@ class LlamaFusionModel(nn.Module):
     ):
         super().__init__()
         if cfg.architecture == "transfusion" and cfg.tie_word_embeddings:
-            raise ValueError("model.architecture=transfusion with a tied-embedding Llama (tie_word_embeddings): the "
-                             "embedding and LM head are separate parameters here and would train apart")
+            raise ValueError(
+                "model.architecture=transfusion with a tied-embedding Llama (tie_word_embeddings): the "
+                "embedding and LM head are separate parameters here and would train apart"
+            )
         self.cfg, self.pctx = cfg, pctx
         self.pre_process, self.post_process = pre_process, post_process
         dtype = resolve_params_dtype(cfg.params_dtype)
@@ -125,11 +127,20 @@ class LlamaFusionModel(nn.Module):
             # under SP it normalises this rank's tokens: partial grads, summed over TP (parallel/grads.py)
             self.final_norm.weight.sequence_parallel = pctx.sequence_parallel
             self.lm_head = ColumnParallelLinear(
-                h, self.padded_vocab, config=self.config, init_method=no_init, bias=False,
-                gather_output=False, skip_bias_add=True, disable_grad_reduce=True, tp_group=pctx.tp_group,
+                h,
+                self.padded_vocab,
+                config=self.config,
+                init_method=no_init,
+                bias=False,
+                gather_output=False,
+                skip_bias_add=True,
+                disable_grad_reduce=True,
+                tp_group=pctx.tp_group,
             )
             self.image_out = image_out.to(device=device, dtype=dtype)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
         self.activation_checkpointing = False
         # megatron-core allocates its shards on the GPU itself; routed norms, buffers and the
         # replicated modules follow them there (a no-op on CPU).
@@ -303,7 +314,9 @@ class LlamaFusionModel(nn.Module):
             batch.check(img.tokens_per_image, (img.latent_channels, img.latent_size, img.latent_size))
         b, s = batch.input_ids.shape
         if self.pctx.sequence_parallel and s % self.pctx.tp_size:
-            raise ValueError(f"sequence length {s} must be divisible by TP={self.pctx.tp_size} under sequence parallelism")
+            raise ValueError(
+                f"sequence length {s} must be divisible by TP={self.pctx.tp_size} under sequence parallelism"
+            )
         state = self.prepare(batch)
         x, skips = self.embed(batch, state)
         x = self.run_layers(x, state)
@@ -316,7 +329,10 @@ class LlamaFusionModel(nn.Module):
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size}); got [{int(input_ids.min())}, {int(input_ids.max())}]")
+            raise ValueError(
+                f"input_ids must lie in [0, {self.cfg.vocab_size}); "
+                f"got [{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
         b, s = input_ids.shape
         if self.pctx.sequence_parallel and s % self.pctx.tp_size:
             raise ValueError(
@@ -356,7 +372,9 @@ class LlamaFusionModel(nn.Module):
         out_logits = None
         if logits:
             last = self._vocab_logits(self.final_norm(x[-1]))  # [b, V_pad / tp]
-            out_logits = gather_from_tensor_model_parallel_region(last, group=self.pctx.tp_group)[:, : self.cfg.vocab_size]
+            out_logits = gather_from_tensor_model_parallel_region(last, group=self.pctx.tp_group)[
+                :, : self.cfg.vocab_size
+            ]
         pred = None
         routes = state.inputs.routes
         if routes.full.num_image:
@@ -376,7 +394,9 @@ class LlamaFusionModel(nn.Module):
         b, s, h = inputs_embeds.shape
         batch = FusionBatch(
             input_ids=torch.zeros(b, s, dtype=torch.long, device=inputs_embeds.device),
-            image_ids=image_ids, position_ids=position_ids, document_ids=document_ids,
+            image_ids=image_ids,
+            position_ids=position_ids,
+            document_ids=document_ids,
         )
         state = self.prepare(batch)
         x = inputs_embeds.transpose(0, 1).contiguous()  # [s, b, h]

@@ -115,8 +115,15 @@ class RoutedColumnParallelLinear(nn.Module):
         self.image_tower = "text" if shared else "image"  # the shard image tokens go through
         for tower in towers(shared):
             lin = ColumnParallelLinear(
-                input_size, output_size, config=config, init_method=no_init, bias=False,
-                gather_output=False, skip_bias_add=True, disable_grad_reduce=True, tp_group=pctx.tp_group,
+                input_size,
+                output_size,
+                config=config,
+                init_method=no_init,
+                bias=False,
+                gather_output=False,
+                skip_bias_add=True,
+                disable_grad_reduce=True,
+                tp_group=pctx.tp_group,
             )
             _ensure_tp_attributes(lin.weight, 0)
             self.add_module(tower, lin)
@@ -157,16 +164,29 @@ class RoutedRowParallelLinear(nn.Module):
     along the sequence under sequence parallelism).
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config: ModelParallelConfig, pctx: ParallelContext,
-                 shared: bool = False):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config: ModelParallelConfig,
+        pctx: ParallelContext,
+        shared: bool = False,
+    ):
         super().__init__()
         self.pctx = pctx
         self.input_size, self.output_size = input_size, output_size
         self.image_tower = "text" if shared else "image"  # the shard image tokens go through
         for tower in towers(shared):
             lin = RowParallelLinear(
-                input_size, output_size, config=config, init_method=no_init, bias=False,
-                input_is_parallel=True, skip_bias_add=True, tp_group=pctx.tp_group,
+                input_size,
+                output_size,
+                config=config,
+                init_method=no_init,
+                bias=False,
+                input_is_parallel=True,
+                skip_bias_add=True,
+                tp_group=pctx.tp_group,
             )
             _ensure_tp_attributes(lin.weight, 1)
             self.add_module(tower, lin)

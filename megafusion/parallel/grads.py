@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 
-def flat_collective(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], object],
-                    write_back: bool = True) -> None:
+def flat_collective(
+    tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], object], write_back: bool = True
+) -> None:
     """Run ``collective`` once on the concatenation of ``tensors`` (one message, not one per
     tensor) and, if ``write_back``, copy the result into them."""
     flat = torch.cat([t.reshape(-1) for t in tensors])

@@ -25,8 +25,12 @@ class Layout:
 
     def __str__(self) -> str:
         s = f"TP{self.tp} PP{self.pp}" + (f"xVPP{self.vpp}" if self.vpp > 1 else "") + f" DP{self.dp}"
-        return s + (" SP" if self.sequence_parallel else "") + (" AC" if self.activation_checkpointing else "") + \
-            f" ZeRO-{self.zero_stage} mb{self.micro_batch_size}"
+        return (
+            s
+            + (" SP" if self.sequence_parallel else "")
+            + (" AC" if self.activation_checkpointing else "")
+            + f" ZeRO-{self.zero_stage} mb{self.micro_batch_size}"
+        )
 
     @property
     def model_parallel(self) -> str:
@@ -39,15 +43,30 @@ def layout_of(cfg: Config, world: int) -> Layout:
     p = cfg.parallel
     tp, pp = p.tensor_parallel, p.pipeline_parallel
     dp = p.data_parallel if p.data_parallel > 0 else max(1, world // (tp * pp))
-    return Layout(tp, pp, dp, p.virtual_pipeline_stages or 1, p.sequence_parallel, p.activation_checkpointing,
-                  p.zero_stage, cfg.data.micro_batch_size)
+    return Layout(
+        tp,
+        pp,
+        dp,
+        p.virtual_pipeline_stages or 1,
+        p.sequence_parallel,
+        p.activation_checkpointing,
+        p.zero_stage,
+        cfg.data.micro_batch_size,
+    )
 
 
 def with_layout(cfg: Config, lay: Layout) -> Config:
     """``cfg`` with its parallel section (and micro-batch size) set to ``lay``."""
-    par = replace(cfg.parallel, tensor_parallel=lay.tp, pipeline_parallel=lay.pp, data_parallel=lay.dp,
-                  virtual_pipeline_stages=lay.vpp if lay.vpp > 1 else None, sequence_parallel=lay.sequence_parallel,
-                  activation_checkpointing=lay.activation_checkpointing, zero_stage=lay.zero_stage)
+    par = replace(
+        cfg.parallel,
+        tensor_parallel=lay.tp,
+        pipeline_parallel=lay.pp,
+        data_parallel=lay.dp,
+        virtual_pipeline_stages=lay.vpp if lay.vpp > 1 else None,
+        sequence_parallel=lay.sequence_parallel,
+        activation_checkpointing=lay.activation_checkpointing,
+        zero_stage=lay.zero_stage,
+    )
     return replace(cfg, parallel=par, data=replace(cfg.data, micro_batch_size=lay.micro_batch_size))
 
 

@@ -62,8 +62,9 @@ class StageMemory:
         bf16) partitions.
         """
         static = self.frozen_weights + self.trainable_weights + self.optimizer
-        fwd_bwd = self.activations + self.gradients if self.grads_during_forward else max(self.activations,
-                                                                                           self.gradients)
+        fwd_bwd = (
+            self.activations + self.gradients if self.grads_during_forward else max(self.activations, self.gradients)
+        )
         return static + self.bucket + max(fwd_bwd, self.gradients + self.step_transient)
 
 
@@ -140,13 +141,16 @@ def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction:
     """Memory of the first, (a middle,) and last pipeline stage under ``lay``."""
     m = cfg.model
     if m.architecture != "llamafusion":
-        raise ValueError(f"model.architecture={m.architecture!r}: the planner models the recipe (frozen text tower "
-                         "+ trainable image tower) only")
+        raise ValueError(
+            f"model.architecture={m.architecture!r}: the planner models the recipe (frozen text tower "
+            "+ trainable image tower) only"
+        )
     t, pp = lay.tp, lay.pp
     h, d = m.hidden_size, m.head_dim
     vpad = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, t)
-    tower = (h * (m.num_attention_heads + 2 * m.num_kv_heads) * d + m.num_attention_heads * d * h
-             + 3 * h * m.ffn_hidden_size) / t + 2 * h  # one tower of one layer on one TP rank
+    tower = (
+        h * (m.num_attention_heads + 2 * m.num_kv_heads) * d + m.num_attention_heads * d * h + 3 * h * m.ffn_hidden_size
+    ) / t + 2 * h  # one tower of one layer on one TP rank
     layers = m.num_layers / pp
     unet_in, unet_out = _unet_params(cfg)
     s, mb = cfg.data.seq_length, lay.micro_batch_size
@@ -180,17 +184,19 @@ def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction:
         trainable = layers * tower + (2 * h + unet_in if first else 0) + (unet_out if last else 0)
         replica = unet_in if (last and not first and m.image.io == "unet") else 0
         grads = (trainable + replica) * dtype_bytes / (lay.dp if lay.zero_stage == 2 else 1)
-        out.append(StageMemory(
-            stage=kind,
-            frozen_weights=frozen * dtype_bytes,
-            trainable_weights=(trainable + replica) * dtype_bytes,
-            gradients=grads,
-            optimizer=3 * 4 * trainable / lay.dp,
-            bucket=min(cfg.parallel.zero_bucket_elements, trainable) * dtype_bytes,
-            activations=act,
-            step_transient=(4 + dtype_bytes) * trainable / lay.dp if dtype_bytes != 4 else 0.0,
-            grads_during_forward=num_micro > 1,
-        ))
+        out.append(
+            StageMemory(
+                stage=kind,
+                frozen_weights=frozen * dtype_bytes,
+                trainable_weights=(trainable + replica) * dtype_bytes,
+                gradients=grads,
+                optimizer=3 * 4 * trainable / lay.dp,
+                bucket=min(cfg.parallel.zero_bucket_elements, trainable) * dtype_bytes,
+                activations=act,
+                step_transient=(4 + dtype_bytes) * trainable / lay.dp if dtype_bytes != 4 else 0.0,
+                grads_during_forward=num_micro > 1,
+            )
+        )
     return out
 
 
@@ -227,8 +233,9 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> list[La
     return out
 
 
-def fits(cfg: Config, lay: Layout, gpu_gib: float, dtype_bytes: int = 2, image_fraction: float = 0.5,
-         headroom: float = 0.9) -> tuple[bool, float]:
+def fits(
+    cfg: Config, lay: Layout, gpu_gib: float, dtype_bytes: int = 2, image_fraction: float = 0.5, headroom: float = 0.9
+) -> tuple[bool, float]:
     """(fits, peak GiB): the worst stage's peak against ``headroom`` x the GPU (allocator slack, NCCL buffers)."""
     peak = max(sm.peak for sm in stage_memory(cfg, lay, dtype_bytes, image_fraction)) / GIB
     return peak <= gpu_gib * headroom, peak
@@ -240,4 +247,3 @@ def mfu(cfg: Config, step_seconds: float, gpus: int, peak_tflops: float, image_f
 
 def human(b: float) -> str:
     return f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"
-

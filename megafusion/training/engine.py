@@ -64,8 +64,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         if not p.requires_grad or REPLICA in name:
             continue
         (no_decay if _no_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -107,11 +109,16 @@ def build_engine(models, cfg: Config):
     o = cfg.optim
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     opt = torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        param_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
         fused=True,  # one kernel per tensor on CUDA and CPU (torch >= 2.4)
     )
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, config=deepspeed_config(cfg, bf16, sum(p.numel() for g in opt.param_groups for p in g["params"])),
+        model=model,
+        optimizer=opt,
+        config=deepspeed_config(cfg, bf16, sum(p.numel() for g in opt.param_groups for p in g["params"])),
         mpu=MegatronMpu(),
         dist_init_required=False,
     )

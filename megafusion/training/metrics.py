@@ -59,10 +59,12 @@ class StepStats:
 
     def line(self, total_steps: int, eta_s: Optional[float]) -> str:
         eta = f" eta {eta_s / 60:.1f}min" if eta_s is not None else ""
-        return (f"step {self.step:>6}/{total_steps} loss {self.loss:.4f} lm_loss {self.lm_loss:.4f} "
-                f"diffusion_loss {self.diffusion_loss:.4f} grad_norm {self.grad_norm:.3f} lr {self.lr:.3e} "
-                f"tok/s {self.tokens_per_s:.0f} samples/s {self.samples_per_s:.2f} mfu {100 * self.mfu:.1f}% "
-                f"mem {self.mem_gb:.2f}GB skipped {self.skipped}{eta}")
+        return (
+            f"step {self.step:>6}/{total_steps} loss {self.loss:.4f} lm_loss {self.lm_loss:.4f} "
+            f"diffusion_loss {self.diffusion_loss:.4f} grad_norm {self.grad_norm:.3f} lr {self.lr:.3e} "
+            f"tok/s {self.tokens_per_s:.0f} samples/s {self.samples_per_s:.2f} mfu {100 * self.mfu:.1f}% "
+            f"mem {self.mem_gb:.2f}GB skipped {self.skipped}{eta}"
+        )
 
 
 class ScalarLogger:
@@ -78,8 +80,17 @@ class ScalarLogger:
     def log(self, stats: StepStats) -> None:
         if self.writer is None:
             return
-        for key in ("loss", "lm_loss", "diffusion_loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s",
-                    "mfu", "mem_gb"):
+        for key in (
+            "loss",
+            "lm_loss",
+            "diffusion_loss",
+            "grad_norm",
+            "lr",
+            "tokens_per_s",
+            "samples_per_s",
+            "mfu",
+            "mem_gb",
+        ):
             self.writer.add_scalar(f"train/{key}", getattr(stats, key), stats.step)
 
     def close(self) -> None:

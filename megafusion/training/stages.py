@@ -81,16 +81,25 @@ class StageModule(nn.Module):
         diff = diffusion_mse(out.image_pred, noise, lm)
         loss = total_loss(lm, diff, self.loss_weight)
         # clones: megatron-core divides the returned loss in place by the number of micro-batches
-        return loss, {"loss": loss.detach().clone(), "lm_loss": lm.detach().clone(), "diffusion_loss": diff.detach().clone()}
+        return loss, {
+            "loss": loss.detach().clone(),
+            "lm_loss": lm.detach().clone(),
+            "diffusion_loss": diff.detach().clone(),
+        }
 
 
 def build_stage_models(cfg: Config, hf_dir: str, pctx: ParallelContext) -> list[StageModule]:
     """This rank's chunk(s), text tower loaded from ``hf_dir`` (its TP shard, its layers only)."""
     m = cfg.model
     mcfg = model_config_from_hf(
-        read_hf_config(hf_dir), image=m.image, boi_token_id=m.boi_token_id, eoi_token_id=m.eoi_token_id,
-        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by, attention_backend=m.attention_backend,
-        params_dtype=m.params_dtype, architecture=m.architecture,
+        read_hf_config(hf_dir),
+        image=m.image,
+        boi_token_id=m.boi_token_id,
+        eoi_token_id=m.eoi_token_id,
+        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+        attention_backend=m.attention_backend,
+        params_dtype=m.params_dtype,
+        architecture=m.architecture,
     )
     for key in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size"):
         if getattr(mcfg, key) != getattr(m, key):
@@ -106,7 +115,13 @@ def build_stage_models(cfg: Config, hf_dir: str, pctx: ParallelContext) -> list[
         first = pp_rank == 0 and chunk == 0
         last = pp_rank == pp - 1 and chunk == vpp - 1
         core = build_llamafusion(
-            mcfg, pctx, hf_dir, seed=cfg.seed, pre_process=first, post_process=last, pipeline_parallel=pp,
+            mcfg,
+            pctx,
+            hf_dir,
+            seed=cfg.seed,
+            pre_process=first,
+            post_process=last,
+            pipeline_parallel=pp,
             layer_ids=layer_ids_for_chunk(mcfg.num_layers, pp, vpp, pp_rank, chunk),
         )
         core.activation_checkpointing = cfg.parallel.activation_checkpointing
@@ -129,8 +144,9 @@ def sync_replica_grads(models: list[StageModule]) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     first = ps.is_pipeline_first_stage(ignore_virtual=True)
-    flat_collective([p.grad for p in params], lambda flat: dist.all_reduce(flat, group=ps.get_embedding_group()),
-                    write_back=first)
+    flat_collective(
+        [p.grad for p in params], lambda flat: dist.all_reduce(flat, group=ps.get_embedding_group()), write_back=first
+    )
     if not first:  # the replica is not optimized: its weights come from the first stage after the step
         for p in params:
             p.grad = None
@@ -145,8 +161,11 @@ def broadcast_replica_weights(models: list[StageModule]) -> None:
         return
     group = ps.get_embedding_group()
     src = dist.get_global_rank(group, 0)
-    flat_collective([p.detach() for p in params], lambda flat: dist.broadcast(flat, src=src, group=group),
-                    write_back=not ps.is_pipeline_first_stage(ignore_virtual=True))
+    flat_collective(
+        [p.detach() for p in params],
+        lambda flat: dist.broadcast(flat, src=src, group=group),
+        write_back=not ps.is_pipeline_first_stage(ignore_virtual=True),
+    )
 
 
 def _tied_params(models: list[StageModule]) -> Optional[list[nn.Parameter]]:

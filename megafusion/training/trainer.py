@@ -98,17 +98,30 @@ class Trainer:
             f"[train] layout TP={self.pctx.tp_size} PP={ps.get_pipeline_model_parallel_world_size()} "
             f"DP={self.dp_size} SP={self.pctx.sequence_parallel} ZeRO={self.cfg.parallel.zero_stage} "
             f"micro-batches/step={self.num_micro}; rank 0 holds {n_train / 1e6:.2f}M trainable and "
-            f"{n_frozen / 1e6:.2f}M frozen params, optimizer state {optimizer_state_bytes(self.optimizer) / 2**20:.1f} MiB"
+            f"{n_frozen / 1e6:.2f}M frozen params, "
+            f"optimizer state {optimizer_state_bytes(self.optimizer) / 2**20:.1f} MiB"
         )
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
         path = save_checkpoint(
-            self.save_dir, self.step, self.engine.module, self.optimizer, self.cfg,
-            {"data_position": {"step": self.step, "micro_batches_per_step": self.num_micro, "dp": self.dp_size,
-                               "consumed_micro_batches_per_dp_rank": self.step * self.num_micro,
-                               "path": self.cfg.data.path, "num_workers": self.cfg.data.num_workers},
-             "skipped_steps": self.skipped, "frozen_source": frozen_source_fingerprint(self.hf_dir)},
+            self.save_dir,
+            self.step,
+            self.engine.module,
+            self.optimizer,
+            self.cfg,
+            {
+                "data_position": {
+                    "step": self.step,
+                    "micro_batches_per_step": self.num_micro,
+                    "dp": self.dp_size,
+                    "consumed_micro_batches_per_dp_rank": self.step * self.num_micro,
+                    "path": self.cfg.data.path,
+                    "num_workers": self.cfg.data.num_workers,
+                },
+                "skipped_steps": self.skipped,
+                "frozen_source": frozen_source_fingerprint(self.hf_dir),
+            },
             keep=self.cfg.checkpoint.keep,
         )
         self.log(f"[train] saved checkpoint {path}")
@@ -142,8 +155,10 @@ class Trainer:
                 "data.micro_batch_size must stay equal"
             )
         if saved_dp != self.dp_size and self.cfg.data.path:
-            self.log(f"[train] warning: DP changed {saved_dp} -> {self.dp_size}; the latent shards are dealt to DP "
-                     "ranks anew, so from here the sample order differs from an unresharded run (counts are kept)")
+            self.log(
+                f"[train] warning: DP changed {saved_dp} -> {self.dp_size}; the latent shards are dealt to DP "
+                "ranks anew, so from here the sample order differs from an unresharded run (counts are kept)"
+            )
         self.step = int(meta["step"])
         self.skipped = int(meta.get("skipped_steps", 0))
         self.log(f"[train] resumed from {path} at step {self.step}")
@@ -191,8 +206,10 @@ class Trainer:
             self.skipped += 1
             self.nonfinite_run += 1
             grad_norm = float("nan")
-            self.log(f"[train] step {self.step + 1}: non-finite loss or gradient, step skipped "
-                     f"({self.nonfinite_run} in a row, {self.skipped} in total)")
+            self.log(
+                f"[train] step {self.step + 1}: non-finite loss or gradient, step skipped "
+                f"({self.nonfinite_run} in a row, {self.skipped} in total)"
+            )
             if self.nonfinite_run >= cfg.optim.max_consecutive_nonfinite:
                 raise NonFiniteError(
                     f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient "
@@ -233,9 +250,17 @@ class Trainer:
         world = dist.get_world_size()
         tokens = (text + image) * self.dp_size
         return StepStats(
-            step=self.step, loss=losses[0], lm_loss=losses[1], diffusion_loss=losses[2], grad_norm=grad_norm,
-            lr=lr, tokens_per_s=tokens / dt, samples_per_s=seqs * self.dp_size / dt,
-            mfu=flops / dt / (self._peak * world), mem_gb=peak_memory_gb(), skipped=self.skipped,
+            step=self.step,
+            loss=losses[0],
+            lm_loss=losses[1],
+            diffusion_loss=losses[2],
+            grad_norm=grad_norm,
+            lr=lr,
+            tokens_per_s=tokens / dt,
+            samples_per_s=seqs * self.dp_size / dt,
+            mfu=flops / dt / (self._peak * world),
+            mem_gb=peak_memory_gb(),
+            skipped=self.skipped,
         )
 
     # ------------------------------------------------------------------ the loop

@@ -10,9 +10,16 @@ import torch
 from tests.helpers import mixed_batch, run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = ["data.seq_length=64", "data.micro_batch_size=1", "data.global_batch_size=2", "optim.lr=3e-3",
-        "optim.warmup_steps=1", "logging.tensorboard=false", "parallel.tensor_parallel=2",
-        "parallel.sequence_parallel=true"]
+BASE = [
+    "data.seq_length=64",
+    "data.micro_batch_size=1",
+    "data.global_batch_size=2",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=1",
+    "logging.tensorboard=false",
+    "parallel.tensor_parallel=2",
+    "parallel.sequence_parallel=true",
+]
 
 
 def _train_then_predict(rank, world, run_dir, hf_dir):
@@ -42,8 +49,13 @@ def test_export_roundtrip(tmp_path):
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "base", seed=4)
     r = run_distributed(_train_then_predict, 2, str(tmp_path / "run"), str(hf))[0]
     out = tmp_path / "exported"
-    proc = subprocess.run([sys.executable, "tools/export_hf.py", "--in", str(tmp_path / "run" / "checkpoints"),
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "tools/export_hf.py", "--in", str(tmp_path / "run" / "checkpoints"), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     # the text tower is the base Llama, bit for bit, and transformers loads it
     a, b = load_file(str(out / "model.safetensors")), load_file(str(hf / "model.safetensors"))

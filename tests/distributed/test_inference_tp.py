@@ -26,8 +26,11 @@ def _pretrained_dir(tmp_path):
     out = tmp_path / "pretrained"
     shutil.copytree(hf, out)
     with torch.no_grad():
-        side = {n: (p + torch.randn(p.shape, generator=g) * 0.02).contiguous()
-                for n, p in m.named_parameters() if not is_text_tower_param(n)}
+        side = {
+            n: (p + torch.randn(p.shape, generator=g) * 0.02).contiguous()
+            for n, p in m.named_parameters()
+            if not is_text_tower_param(n)
+        }
     save_file(side, str(out / IMAGE_FILE))
     (out / CONFIG_FILE).write_text(json.dumps({"model": dataclasses.asdict(m.cfg)}))
     return out
@@ -37,8 +40,9 @@ def _run(model):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     ids = torch.randint(3, 290, (2, 6), generator=torch.Generator().manual_seed(6))
     return {
-        "images": model.generate_images(PROMPTS, num_steps=5, guidance_scale=2.0,
-                                        generator=torch.Generator().manual_seed(1)),
+        "images": model.generate_images(
+            PROMPTS, num_steps=5, guidance_scale=2.0, generator=torch.Generator().manual_seed(1)
+        ),
         "ddpm": model.generate_images(PROMPTS, num_steps=4, sampler="ddpm", generator=torch.Generator().manual_seed(3)),
         "captions": torch.tensor(model.caption(latents, bos_token_id=BOS, max_new_tokens=6)),
         "text": model.generate_text(ids, max_new_tokens=8),

@@ -16,8 +16,16 @@ import torch
 from tests.helpers import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE = ["data.seq_length=64", "data.micro_batch_size=1", "data.global_batch_size=2", "optim.warmup_steps=1",
-        "optim.lr=3e-3", "optim.eps=1e-4", "logging.tensorboard=false", "checkpoint.interval=1000"]
+BASE = [
+    "data.seq_length=64",
+    "data.micro_batch_size=1",
+    "data.global_batch_size=2",
+    "optim.warmup_steps=1",
+    "optim.lr=3e-3",
+    "optim.eps=1e-4",
+    "logging.tensorboard=false",
+    "checkpoint.interval=1000",
+]
 CUT, TOTAL = 2, 4
 
 
@@ -33,9 +41,12 @@ def _train(rank, world, overrides, hf_dir, run_dir, steps):
     resumed = trainer.maybe_resume()
     start = trainer.step
     history = trainer.run(steps)
-    return {"resumed": torch.tensor(resumed), "start": torch.tensor(start),
-            "losses": torch.tensor([h.loss for h in history], dtype=torch.float64),
-            "grad_norms": torch.tensor([h.grad_norm for h in history], dtype=torch.float64)}
+    return {
+        "resumed": torch.tensor(resumed),
+        "start": torch.tensor(start),
+        "losses": torch.tensor([h.loss for h in history], dtype=torch.float64),
+        "grad_norms": torch.tensor([h.grad_norm for h in history], dtype=torch.float64),
+    }
 
 
 def _tool(*args: str) -> subprocess.CompletedProcess:
@@ -58,21 +69,47 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,vpp,world,via", [(1, 1, 1, 1, None), (2, 1, 1, 2, (1, 2)), (1, 2, 1, 2, None),
-                                                  (1, 2, 2, 2, None), (1, 1, 1, 2, None)],
-                         ids=["tp1pp1", "tp2pp1-via-tp1pp2", "tp1pp2", "tp1pp2vpp2", "tp1dp2"])
+@pytest.mark.parametrize(
+    "tp,pp,vpp,world,via",
+    [(1, 1, 1, 1, None), (2, 1, 1, 2, (1, 2)), (1, 2, 1, 2, None), (1, 2, 2, 2, None), (1, 1, 1, 2, None)],
+    ids=["tp1pp1", "tp2pp1-via-tp1pp2", "tp1pp2", "tp1pp2vpp2", "tp1dp2"],
+)
 def test_resharded_resume_continues_the_trajectory(trained, tp, pp, vpp, world, via):
     hf, ckpt, ref, tmp = trained
     dp = world // (tp * pp)
     out = tmp / f"out_{tp}_{pp}_{vpp}_{world}"
     if via:  # reshard a resharded checkpoint (per-parameter optimizer state as input)
         mid = tmp / f"mid_{via[0]}_{via[1]}"
-        r = _tool("tools/reshard_checkpoint.py", "--in", str(ckpt), "--out", str(mid), "--tp", str(via[0]), "--pp",
-                  str(via[1]), "--no-progress")
+        r = _tool(
+            "tools/reshard_checkpoint.py",
+            "--in",
+            str(ckpt),
+            "--out",
+            str(mid),
+            "--tp",
+            str(via[0]),
+            "--pp",
+            str(via[1]),
+            "--no-progress",
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         ckpt = mid
-    r = _tool("tools/reshard_checkpoint.py", "--in", str(ckpt), "--out", str(out), "--tp", str(tp), "--pp", str(pp),
-              "--vpp", str(vpp), "--dp", str(dp), "--no-progress")
+    r = _tool(
+        "tools/reshard_checkpoint.py",
+        "--in",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--tp",
+        str(tp),
+        "--pp",
+        str(pp),
+        "--vpp",
+        str(vpp),
+        "--dp",
+        str(dp),
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[reshard]" in r.stdout
     meta = json.loads((out / "meta.json").read_text())
@@ -98,11 +135,24 @@ def test_hf_to_tp2pp2_to_tp1pp1_export_is_bit_identical(tmp_path):
 
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "base", seed=6)
     conv, resh = tmp_path / "tp2pp2", tmp_path / "tp1pp1"
-    for cmd in (["tools/convert_hf_llama.py", "--hf-dir", str(hf), "--out", str(conv), "--tp", "2", "--pp", "2",
-                 "--config", "tiny"],
-                ["tools/reshard_checkpoint.py", "--in", str(conv), "--out", str(resh), "--tp", "1", "--pp", "1"],
-                ["tools/export_hf.py", "--in", str(conv), "--out", str(tmp_path / "export_a")],
-                ["tools/export_hf.py", "--in", str(resh), "--out", str(tmp_path / "export_b")]):
+    for cmd in (
+        [
+            "tools/convert_hf_llama.py",
+            "--hf-dir",
+            str(hf),
+            "--out",
+            str(conv),
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--config",
+            "tiny",
+        ],
+        ["tools/reshard_checkpoint.py", "--in", str(conv), "--out", str(resh), "--tp", "1", "--pp", "1"],
+        ["tools/export_hf.py", "--in", str(conv), "--out", str(tmp_path / "export_a")],
+        ["tools/export_hf.py", "--in", str(resh), "--out", str(tmp_path / "export_b")],
+    ):
         r = _tool(*cmd)
         assert r.returncode == 0, f"{cmd[0]}: {r.stderr[-3000:]}"
     a, b = load_file(str(tmp_path / "export_b" / "model.safetensors")), load_file(str(hf / "model.safetensors"))
@@ -139,12 +189,27 @@ def test_corrupted_shard_is_named(tmp_path, how):
 
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "base", seed=7)
     conv = tmp_path / "conv"
-    assert _tool("tools/convert_hf_llama.py", "--hf-dir", str(hf), "--out", str(conv), "--tp", "2", "--pp", "1",
-                 "--config", "tiny").returncode == 0
+    assert (
+        _tool(
+            "tools/convert_hf_llama.py",
+            "--hf-dir",
+            str(hf),
+            "--out",
+            str(conv),
+            "--tp",
+            "2",
+            "--pp",
+            "1",
+            "--config",
+            "tiny",
+        ).returncode
+        == 0
+    )
     bad = conv / "model" / "tp1_pp0.safetensors"
     _corrupt(bad, how)
-    r = _tool("tools/reshard_checkpoint.py", "--in", str(conv), "--out", str(tmp_path / "out"), "--tp", "1",
-              "--pp", "1")
+    r = _tool(
+        "tools/reshard_checkpoint.py", "--in", str(conv), "--out", str(tmp_path / "out"), "--tp", "1", "--pp", "1"
+    )
     assert r.returncode == 1
     assert str(bad) in r.stderr and ("truncated" if how == "truncate" else "corrupted") in r.stderr
     assert not (tmp_path / "out").exists()
@@ -156,9 +221,34 @@ def test_impossible_layout_is_refused(tmp_path):
 
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "base", seed=8)
     conv = tmp_path / "conv"
-    assert _tool("tools/convert_hf_llama.py", "--hf-dir", str(hf), "--out", str(conv), "--tp", "1", "--pp", "1",
-                 "--config", "tiny").returncode == 0
-    r = _tool("tools/reshard_checkpoint.py", "--in", str(conv), "--out", str(tmp_path / "out"), "--tp", "1",
-              "--pp", "3", "--dp", "3")
+    assert (
+        _tool(
+            "tools/convert_hf_llama.py",
+            "--hf-dir",
+            str(hf),
+            "--out",
+            str(conv),
+            "--tp",
+            "1",
+            "--pp",
+            "1",
+            "--config",
+            "tiny",
+        ).returncode
+        == 0
+    )
+    r = _tool(
+        "tools/reshard_checkpoint.py",
+        "--in",
+        str(conv),
+        "--out",
+        str(tmp_path / "out"),
+        "--tp",
+        "1",
+        "--pp",
+        "3",
+        "--dp",
+        "3",
+    )
     assert r.returncode == 1
     assert "layers 4 not divisible by 3" in r.stderr and "global_batch_size" in r.stderr

@@ -31,9 +31,13 @@ def _mixed_step(model):
     from megafusion.model.llamafusion import is_text_tower_param
 
     unfrozen_text = [n for n, p in model.named_parameters() if is_text_tower_param(n) and p.requires_grad]
-    return {"lm_loss": out.lm_loss.detach(), "diff": diff.detach(), "pred": out.image_pred.detach(),
-            "n_unfrozen_text": torch.tensor(len(unfrozen_text)),
-            **{"grad/" + k: v for k, v in grads.items()}}
+    return {
+        "lm_loss": out.lm_loss.detach(),
+        "diff": diff.detach(),
+        "pred": out.image_pred.detach(),
+        "n_unfrozen_text": torch.tensor(len(unfrozen_text)),
+        **{"grad/" + k: v for k, v in grads.items()},
+    }
 
 
 def _worker(rank, world, hf_path, sequence_parallel):

@@ -7,8 +7,16 @@ import torch
 
 from tests.helpers import run_distributed
 
-BASE = ["data.seq_length=64", "data.micro_batch_size=1", "data.global_batch_size=2", "optim.warmup_steps=1",
-        "optim.lr=3e-3", "logging.tensorboard=false", "checkpoint.interval=1", "optim.max_consecutive_nonfinite=2"]
+BASE = [
+    "data.seq_length=64",
+    "data.micro_batch_size=1",
+    "data.global_batch_size=2",
+    "optim.warmup_steps=1",
+    "optim.lr=3e-3",
+    "logging.tensorboard=false",
+    "checkpoint.interval=1",
+    "optim.max_consecutive_nonfinite=2",
+]
 
 
 def _trainer(run_dir, hf_dir, overrides=()):
@@ -61,12 +69,15 @@ def _nonfinite_worker(rank, world, run_dir, hf_dir, overrides):
     trainer.nonfinite_run = 0
     after = trainer.run(trainer.step + 2)
     recovered = all(math.isfinite(h.loss) and math.isfinite(h.grad_norm) for h in after[-2:])
-    changed = any(not torch.equal(before[n], p) for n, p in trainer.engine.module.named_parameters()
-                  if p.requires_grad)
-    return {"ckpt_good": torch.tensor(ckpt_good), "recovered": torch.tensor(recovered and changed),
-            "raised": torch.tensor(len(raised) > 0 and "optim.max_consecutive_nonfinite=2" in raised),
-            "skipped": torch.tensor(trainer.skipped), "unchanged": torch.tensor(unchanged),
-            "latest_step": torch.tensor(latest_step)}
+    changed = any(not torch.equal(before[n], p) for n, p in trainer.engine.module.named_parameters() if p.requires_grad)
+    return {
+        "ckpt_good": torch.tensor(ckpt_good),
+        "recovered": torch.tensor(recovered and changed),
+        "raised": torch.tensor(len(raised) > 0 and "optim.max_consecutive_nonfinite=2" in raised),
+        "skipped": torch.tensor(trainer.skipped),
+        "unchanged": torch.tensor(unchanged),
+        "latest_step": torch.tensor(latest_step),
+    }
 
 
 def _corruption_worker(rank, world, run_dir, hf_dir):
@@ -116,8 +127,9 @@ def test_loss_goes_down_on_a_repeated_batch(base, tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-@pytest.mark.parametrize("overrides", [[], ["parallel.zero_stage=2", "data.global_batch_size=1"]],
-                         ids=["zero1", "zero2"])
+@pytest.mark.parametrize(
+    "overrides", [[], ["parallel.zero_stage=2", "data.global_batch_size=1"]], ids=["zero1", "zero2"]
+)
 def test_nonfinite_steps_are_skipped_then_stop(base, tmp_path, overrides):
     r = run_distributed(_nonfinite_worker, 1, str(tmp_path), base, overrides)[0]
     assert r["raised"].item()

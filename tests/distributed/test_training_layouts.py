@@ -13,8 +13,16 @@ from tests.helpers import run_distributed
 pytestmark = pytest.mark.distributed
 
 STEPS = 3
-BASE = ["optim.eps=1e-4", "data.seq_length=64", "data.micro_batch_size=1", "data.global_batch_size=4", "optim.warmup_steps=2",
-        "optim.lr=2e-3", "checkpoint.interval=1000", "logging.tensorboard=false"]
+BASE = [
+    "optim.eps=1e-4",
+    "data.seq_length=64",
+    "data.micro_batch_size=1",
+    "data.global_batch_size=4",
+    "optim.warmup_steps=2",
+    "optim.lr=2e-3",
+    "checkpoint.interval=1000",
+    "logging.tensorboard=false",
+]
 
 
 def _full_weights(trainer) -> dict[str, torch.Tensor]:
@@ -33,21 +41,28 @@ def _train_worker(rank, world, overrides, hf_dir, run_dir):
     from megafusion.training.trainer import Trainer
 
     cfg = validate_config(load_config("tiny", BASE + overrides + [f"logging.run_dir={run_dir}"]), world_size=world)
-    init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                        cfg.parallel.virtual_pipeline_stages)
+    init_model_parallel(
+        cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline_stages
+    )
     trainer = Trainer(cfg, hf_dir, log=lambda s: None)
     initial = _full_weights(trainer)
     history = trainer.run(STEPS)
     from megafusion.training.engine import optimizer_state_bytes
 
     inner = trainer.optimizer.optimizer
-    moments = sum(v.numel() * v.element_size() for st in inner.state.values() for k, v in st.items()
-                  if k in ("exp_avg", "exp_avg_sq"))
+    moments = sum(
+        v.numel() * v.element_size()
+        for st in inner.state.values()
+        for k, v in st.items()
+        if k in ("exp_avg", "exp_avg_sq")
+    )
     return {
         "losses": torch.tensor([h.loss for h in history], dtype=torch.float64),
         "grad_norms": torch.tensor([h.grad_norm for h in history], dtype=torch.float64),
-        "initial": initial, "final": _full_weights(trainer),
-        "moment_bytes": torch.tensor(moments), "state_bytes": torch.tensor(optimizer_state_bytes(trainer.optimizer)),
+        "initial": initial,
+        "final": _full_weights(trainer),
+        "moment_bytes": torch.tensor(moments),
+        "state_bytes": torch.tensor(optimizer_state_bytes(trainer.optimizer)),
         "trainable_numel": torch.tensor(sum(p.numel() for p in trainer.trainable_parameters())),
     }
 
@@ -72,12 +87,23 @@ def reference(tiny_base, tmp_path_factory):
     return run_distributed(_train_worker, 1, [], tiny_base, str(tmp_path_factory.mktemp("ref")))[0]
 
 
-@pytest.mark.parametrize("world,overrides", [
-    (2, ["parallel.pipeline_parallel=2"]),
-    (2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2"]),
-    (4, ["parallel.pipeline_parallel=2", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
-         "parallel.activation_checkpointing=true"]),
-], ids=["pp2", "pp2_vpp2", "tp2_pp2_sp_ckpt"])
+@pytest.mark.parametrize(
+    "world,overrides",
+    [
+        (2, ["parallel.pipeline_parallel=2"]),
+        (2, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline_stages=2"]),
+        (
+            4,
+            [
+                "parallel.pipeline_parallel=2",
+                "parallel.tensor_parallel=2",
+                "parallel.sequence_parallel=true",
+                "parallel.activation_checkpointing=true",
+            ],
+        ),
+    ],
+    ids=["pp2", "pp2_vpp2", "tp2_pp2_sp_ckpt"],
+)
 def test_layout_matches_single_rank(tiny_base, reference, tmp_path, world, overrides):
     results = run_distributed(_train_worker, world, overrides, tiny_base, str(tmp_path))
     last = results[-1]  # the last pipeline stage reports the losses; all ranks agree after reduction
@@ -144,18 +170,23 @@ def _reference_worker(rank, world, hf_dir, overrides, dp, steps):
     return {"losses": losses, "final": final}
 
 
-@pytest.mark.parametrize("overrides", [
-    ["parallel.zero_stage=1"],  # 2 micro-batches per rank accumulated by megatron-core's schedule
-    ["parallel.zero_stage=2", "data.global_batch_size=2"],  # stage 2: one micro-batch per step
-], ids=["zero1", "zero2"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parallel.zero_stage=1"],  # 2 micro-batches per rank accumulated by megatron-core's schedule
+        ["parallel.zero_stage=2", "data.global_batch_size=2"],  # stage 2: one micro-batch per step
+    ],
+    ids=["zero1", "zero2"],
+)
 def test_zero_dp2_matches_torch_adamw(tiny_base, tmp_path, overrides):
     results = run_distributed(_train_worker, 2, overrides, tiny_base, str(tmp_path))
     ref = run_distributed(_reference_worker, 1, tiny_base, overrides, 2, STEPS)[0]
     for r in results:
         torch.testing.assert_close(r["losses"], ref["losses"], atol=1e-5, rtol=1e-5)
     for name, want in ref["final"].items():
-        torch.testing.assert_close(results[0]["final"][name], want, atol=2e-5, rtol=1e-4,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            results[0]["final"][name], want, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+        )
         assert torch.equal(results[0]["final"][name], results[1]["final"][name]), f"DP replicas differ: {name}"
     # optimizer state: Adam moments of exactly half the trainable params per rank, so none for frozen weights
     n = results[0]["trainable_numel"].item()
@@ -166,24 +197,36 @@ def test_zero_dp2_matches_torch_adamw(tiny_base, tmp_path, overrides):
 
 @pytest.fixture(scope="module")
 def transfusion_reference(tiny_base, tmp_path_factory):
-    return run_distributed(_train_worker, 1, ["model.architecture=transfusion"], tiny_base,
-                           str(tmp_path_factory.mktemp("tf_ref")))[0]
+    return run_distributed(
+        _train_worker, 1, ["model.architecture=transfusion"], tiny_base, str(tmp_path_factory.mktemp("tf_ref"))
+    )[0]
 
 
 @pytest.mark.parametrize("overrides", [[], ["parallel.sequence_parallel=true"]], ids=["tp2", "tp2_sp"])
 def test_transfusion_baseline_tp2_matches_single_rank(tiny_base, transfusion_reference, tmp_path, overrides):
     """The one-tower baseline trains its text tower too (embedding, final norm, LM head under TP)."""
     ref = transfusion_reference
-    results = run_distributed(_train_worker, 2, ["model.architecture=transfusion", "parallel.tensor_parallel=2",
-                                                 *overrides], tiny_base, str(tmp_path))
+    results = run_distributed(
+        _train_worker,
+        2,
+        ["model.architecture=transfusion", "parallel.tensor_parallel=2", *overrides],
+        tiny_base,
+        str(tmp_path),
+    )
     torch.testing.assert_close(results[0]["losses"], ref["losses"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results[0]["grad_norms"], ref["grad_norms"], atol=1e-4, rtol=1e-4)
     final = _merge(results)
     assert set(final) == set(ref["final"])
     for name, want in ref["final"].items():
         torch.testing.assert_close(final[name], want, atol=2e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
-    for name in ("embedding.weight", "layers.0.qkv.text.weight", "layers.1.down.text.weight",
-                 "layers.0.gate_up.norm.text", "final_norm.weight", "lm_head.weight"):
+    for name in (
+        "embedding.weight",
+        "layers.0.qkv.text.weight",
+        "layers.1.down.text.weight",
+        "layers.0.gate_up.norm.text",
+        "final_norm.weight",
+        "lm_head.weight",
+    ):
         assert not torch.equal(ref["initial"][name], ref["final"][name]), f"{name} did not train"
     # its TP=2 checkpoint holds the trained text tower and loads at TP=1 (vocab shards re-padded) for inference
     from megafusion.api import load_for_inference

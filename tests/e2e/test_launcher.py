@@ -26,8 +26,9 @@ def _clean_env() -> dict:
 def _run(cmd, timeout=300):
     """Run a command in its own process group; on timeout kill the whole group (torchrun's workers too)."""
     env = _clean_env()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -38,8 +39,17 @@ def _run(cmd, timeout=300):
 
 
 def test_invalid_config_fails_before_anything_starts(tmp_path):
-    r = _run([sys.executable, "-m", "launcher.train", "--config", "tiny", "parallel.tensor_parallel=3",
-              f"logging.run_dir={tmp_path}/run"])
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.train",
+            "--config",
+            "tiny",
+            "parallel.tensor_parallel=3",
+            f"logging.run_dir={tmp_path}/run",
+        ]
+    )
     assert r.returncode == 2
     assert "model.num_attention_heads=4 is not divisible by parallel.tensor_parallel=3" in r.stderr
     assert not (tmp_path / "run").exists()  # nothing written, nothing spawned
@@ -53,10 +63,25 @@ def test_unknown_key_is_named(tmp_path):
 @pytest.mark.slow
 def test_torchrun_tp2_sp_training_run(tmp_path):
     run_dir = tmp_path / "run"
-    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-              "-m", "launcher.train", "--config", "tiny", "parallel.tensor_parallel=2",
-              "parallel.sequence_parallel=true", f"logging.run_dir={run_dir}", "optim.train_steps=4",
-              "data.global_batch_size=4"])
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "launcher.train",
+            "--config",
+            "tiny",
+            "parallel.tensor_parallel=2",
+            "parallel.sequence_parallel=true",
+            f"logging.run_dir={run_dir}",
+            "optim.train_steps=4",
+            "data.global_batch_size=4",
+        ]
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "step      4/4" in r.stdout and "lm_loss" in r.stdout and "diffusion_loss" in r.stdout
     assert "mfu" in r.stdout and "tok/s" in r.stdout
@@ -71,8 +96,24 @@ def test_torchrun_tp2_sp_training_run(tmp_path):
 def test_demo_runs_every_stage(tmp_path):
     """What `make demo` runs, shortened: dataset -> VAE, base Llama -> convert (TP=2) -> reshard (TP=1) -> Ray
     latents -> DP=2 training of LlamaFusion and of the Transfusion-style baseline -> samples -> scores -> report."""
-    r = _run([sys.executable, "-m", "launcher.demo", "--run-dir", str(tmp_path / "demo"), "--samples", "200",
-              "--steps", "3", "--lm-steps", "20", "--eval-samples", "4"], timeout=900)
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.demo",
+            "--run-dir",
+            str(tmp_path / "demo"),
+            "--samples",
+            "200",
+            "--steps",
+            "3",
+            "--lm-steps",
+            "20",
+            "--eval-samples",
+            "4",
+        ],
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "[demo] stage times: dataset" in r.stdout and "step      3/3" in r.stdout
     assert "copying the shipped megafusion/assets/shapes_vae" in r.stdout
@@ -113,8 +154,10 @@ def test_demo_runs_every_stage(tmp_path):
 
 
 def test_demo_refuses_a_geometry_the_shipped_vae_lacks(tmp_path):
-    r = _run([sys.executable, "-m", "launcher.demo", "--run-dir", str(tmp_path / "demo"),
-              "model.image.latent_channels=8"], timeout=120)
+    r = _run(
+        [sys.executable, "-m", "launcher.demo", "--run-dir", str(tmp_path / "demo"), "model.image.latent_channels=8"],
+        timeout=120,
+    )
     assert r.returncode != 0 and "model.image.latent_channels=8: add --train-vae" in r.stderr
     assert not (tmp_path / "demo").exists()  # refused before any stage ran
 
@@ -124,9 +167,20 @@ def test_sample_refuses_a_model_without_image_tower(tmp_path):
     from megafusion.demo.tiny_llama import write_random_hf_llama
 
     hf = write_random_hf_llama(load_config("tiny").model, tmp_path / "hf")
-    r = _run([sys.executable, "tools/sample.py", "--checkpoint", str(hf), "--out", str(tmp_path / "o"),
-              "--text", "hello"])
+    r = _run(
+        [sys.executable, "tools/sample.py", "--checkpoint", str(hf), "--out", str(tmp_path / "o"), "--text", "hello"]
+    )
     assert r.returncode == 1 and "without an image tower" in r.stderr
-    r = _run([sys.executable, "tools/sample.py", "--checkpoint", str(hf), "--out", str(tmp_path / "o"),
-              "--prompts", "a red circle"])
+    r = _run(
+        [
+            sys.executable,
+            "tools/sample.py",
+            "--checkpoint",
+            str(hf),
+            "--out",
+            str(tmp_path / "o"),
+            "--prompts",
+            "a red circle",
+        ]
+    )
     assert r.returncode == 2 and "--vae is needed" in r.stderr

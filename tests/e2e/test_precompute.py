@@ -77,8 +77,25 @@ def data(tmp_path_factory):
 
 
 def _precompute(data, out, *extra, env=None, timeout=600):
-    cmd = [sys.executable, TOOL, "--input", data["pattern"], "--output", str(out), "--vae", str(data["vae"]),
-           "--resolution", "32", "--batch-size", "8", "--num-workers", "2", "--max-pixels", "200000", *extra]
+    cmd = [
+        sys.executable,
+        TOOL,
+        "--input",
+        data["pattern"],
+        "--output",
+        str(out),
+        "--vae",
+        str(data["vae"]),
+        "--resolution",
+        "32",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "2",
+        "--max-pixels",
+        "200000",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -129,11 +146,15 @@ def test_precompute_exactly_once_equal_to_direct_encode_bad_samples_counted(data
 def test_worker_killed_mid_shard_then_rerun(data, tmp_path):
     out = tmp_path / "out"
     # the worker dies in shard 1 after 12 samples: one batch of 8 is already in its temporary tar
-    r = _precompute(data, out, "--crash-after-samples", "12", "--crash-shard", "latents-000001.tar",
-                    "--max-retries", "0")
+    r = _precompute(
+        data, out, "--crash-after-samples", "12", "--crash-shard", "latents-000001.tar", "--max-retries", "0"
+    )
     assert r.returncode != 0 and "rerun" in r.stderr and "worker died" in r.stdout
     assert sorted(p.name for p in out.glob("*.done.json")) == [
-        "latents-000000.tar.done.json", "latents-000002.tar.done.json", "latents-000003.tar.done.json"]
+        "latents-000000.tar.done.json",
+        "latents-000002.tar.done.json",
+        "latents-000003.tar.done.json",
+    ]
     assert not (out / "latents-000001.tar").exists() and list(out.glob("latents-000001.tar.*.tmp"))
     r = _precompute(data, out)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -159,17 +180,55 @@ def test_ray_job_submit_against_a_local_head(data, tmp_path):
     port, dash = _free_port(), _free_port()
     env = _env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     start = subprocess.run(
-        ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=120)
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
         out = tmp_path / "job_out"
         job = subprocess.run(
-            ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
-             "python", "tools/precompute_latents.py", "--input", data["pattern"], "--output", str(out),
-             "--vae", str(data["vae"]), "--resolution", "32", "--num-workers", "2", "--max-pixels", "200000"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dash}",
+                "--working-dir",
+                str(ROOT),
+                "--",
+                "python",
+                "tools/precompute_latents.py",
+                "--input",
+                data["pattern"],
+                "--output",
+                str(out),
+                "--vae",
+                str(data["vae"]),
+                "--resolution",
+                "32",
+                "--num-workers",
+                "2",
+                "--max-pixels",
+                "200000",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-2000:]
         keys, _ = _read_output(out)
         assert sorted(keys) == sorted(data["good"])
@@ -188,9 +247,17 @@ def latents_dir(data, tmp_path_factory):
 def _loader_cfg(latents_dir, tok, workers):
     from megafusion.config import load_config
 
-    return load_config("tiny", [f"data.path={latents_dir}/latents-{{000000..000003}}.tar", f"data.tokenizer={tok}",
-                                "data.seq_length=64", "data.micro_batch_size=2", f"data.num_workers={workers}",
-                                "data.shuffle_buffer=8"])
+    return load_config(
+        "tiny",
+        [
+            f"data.path={latents_dir}/latents-{{000000..000003}}.tar",
+            f"data.tokenizer={tok}",
+            "data.seq_length=64",
+            "data.micro_batch_size=2",
+            f"data.num_workers={workers}",
+            "data.shuffle_buffer=8",
+        ],
+    )
 
 
 @pytest.mark.slow
@@ -231,9 +298,18 @@ def test_loader_mixes_text_only_shards_at_the_configured_ratio(latents_dir, tmp_
     with wds.TarWriter(str(tmp_path / "text-000000.tar")) as w:
         for i in range(50):
             w.write({"__key__": f"t{i:04d}", "txt": "there is a picture of the image"})
-    cfg = load_config("tiny", [f"data.path={latents_dir}/latents-*.tar", f"data.tokenizer={tok}",
-                               "data.seq_length=64", "data.micro_batch_size=2", "data.num_workers=0",
-                               f"data.text_path={tmp_path}/text-*.tar", "data.text_ratio=0.5"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.path={latents_dir}/latents-*.tar",
+            f"data.tokenizer={tok}",
+            "data.seq_length=64",
+            "data.micro_batch_size=2",
+            "data.num_workers=0",
+            f"data.text_path={tmp_path}/text-*.tar",
+            "data.text_ratio=0.5",
+        ],
+    )
     text_docs = image_docs = 0
     for batch in make_loader(cfg, 0, 1, max_epochs=1):
         for r in range(batch.input_ids.shape[0]):
@@ -259,9 +335,18 @@ def test_captioning_pairs_get_capped_noise(latents_dir, tmp_path):
     from megafusion.demo.tokenizer import write_word_tokenizer
 
     tok = write_word_tokenizer(tmp_path / "tok")
-    cfg = load_config("tiny", [f"data.path={latents_dir}/latents-*.tar", f"data.tokenizer={tok}",
-                               "data.seq_length=64", "data.micro_batch_size=4", "data.num_workers=0",
-                               "data.caption_first_prob=0.5", "diffusion.caption_dropout=0.2"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.path={latents_dir}/latents-*.tar",
+            f"data.tokenizer={tok}",
+            "data.seq_length=64",
+            "data.micro_batch_size=4",
+            "data.num_workers=0",
+            "data.caption_first_prob=0.5",
+            "diffusion.caption_dropout=0.2",
+        ],
+    )
     eos = 3  # write_word_tokenizer's </s>
     T = cfg.model.image.tokens_per_image
     stream = LoaderStream(cfg, 0, 1, torch.device("cpu"), micro_per_step=1)

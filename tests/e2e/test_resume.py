@@ -20,14 +20,32 @@ def _clean_env() -> dict:
     """The test process's environment without rendezvous variables (a child picks its own)."""
     env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
     return dict(env, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-ARGS = ["--config", "tiny", "data.seq_length=64", "data.micro_batch_size=1", "data.global_batch_size=2",
-        "optim.warmup_steps=1000", "optim.lr=0.1", "logging.tensorboard=false", "checkpoint.interval=1"]
+
+
+ARGS = [
+    "--config",
+    "tiny",
+    "data.seq_length=64",
+    "data.micro_batch_size=1",
+    "data.global_batch_size=2",
+    "optim.warmup_steps=1000",
+    "optim.lr=0.1",
+    "logging.tensorboard=false",
+    "checkpoint.interval=1",
+]
 # warmup longer than any run here: the LR of a step does not depend on optim.train_steps
 
 
 def _cmd(run_dir: Path, steps: int, base: Path) -> list[str]:
-    return [sys.executable, "-m", "launcher.train", *ARGS, f"optim.train_steps={steps}",
-            f"logging.run_dir={run_dir}", f"checkpoint.hf_llama={base}"]
+    return [
+        sys.executable,
+        "-m",
+        "launcher.train",
+        *ARGS,
+        f"optim.train_steps={steps}",
+        f"logging.run_dir={run_dir}",
+        f"checkpoint.hf_llama={base}",
+    ]
 
 
 def _env():
@@ -45,8 +63,9 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def _run_until(cmd, pattern: str, sig: int, timeout: float = 300):
     """Start cmd, send `sig` once `pattern` appears in its stdout, return (returncode, stdout)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines, deadline, sent = [], time.time() + timeout, False
     try:
         for line in proc.stdout:

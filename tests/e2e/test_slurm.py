@@ -30,10 +30,14 @@ def cluster():
 
 def _env(tmp_path: Path, steps: int, interval: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
-    env.update(MEGAFUSION_CONFIG="tiny", RUN_DIR=str(tmp_path / "run"), SBATCH_OUTPUT=str(tmp_path / "job-%j.out"),
-               MEGAFUSION_OVERRIDES=f"parallel.tensor_parallel=2 optim.train_steps={steps} "
-                                    f"checkpoint.interval={interval} logging.tensorboard=false",
-               OMP_NUM_THREADS="1")
+    env.update(
+        MEGAFUSION_CONFIG="tiny",
+        RUN_DIR=str(tmp_path / "run"),
+        SBATCH_OUTPUT=str(tmp_path / "job-%j.out"),
+        MEGAFUSION_OVERRIDES=f"parallel.tensor_parallel=2 optim.train_steps={steps} "
+        f"checkpoint.interval={interval} logging.tensorboard=false",
+        OMP_NUM_THREADS="1",
+    )
     return env
 
 
@@ -47,8 +51,14 @@ def _steps(run: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_sbatch_trains_and_writes_a_checkpoint(cluster, tmp_path):
-    r = subprocess.run(["sbatch", "--wait", *CPU_NODE, "cluster/train_70b.slurm"], cwd=ROOT,
-                       env=_env(tmp_path, 4, 2), capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        ["sbatch", "--wait", *CPU_NODE, "cluster/train_70b.slurm"],
+        cwd=ROOT,
+        env=_env(tmp_path, 4, 2),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = _log(tmp_path)
     assert r.returncode == 0, r.stderr + log[-3000:]
     run = tmp_path / "run"
@@ -61,8 +71,14 @@ def test_sbatch_trains_and_writes_a_checkpoint(cluster, tmp_path):
 @pytest.mark.slow
 def test_preempted_job_saves_requeues_and_resumes(cluster, tmp_path):
     total = 300
-    r = subprocess.run(["sbatch", "--parsable", *CPU_NODE, "cluster/train_70b.slurm"], cwd=ROOT,
-                       env=_env(tmp_path, total, 1000), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["sbatch", "--parsable", *CPU_NODE, "cluster/train_70b.slurm"],
+        cwd=ROOT,
+        env=_env(tmp_path, total, 1000),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]
     run = tmp_path / "run"
@@ -74,8 +90,7 @@ def test_preempted_job_saves_requeues_and_resumes(cluster, tmp_path):
     # what --signal=B:USR1@600 delivers before the time limit
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=60)
     deadline = time.time() + 120
-    while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", job], capture_output=True,
-                                                 text=True).stdout:
+    while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout:
         assert time.time() < deadline, _log(tmp_path)[-3000:]
         time.sleep(0.5)
     # SLURM holds a requeued job back for cred_expire (10 s in the test cluster's slurm.conf) before it starts

@@ -33,8 +33,12 @@ def test_scores_count_exactly_the_matching_attributes(tmp_path):
     b = {"color": "blue", "shape": "square", "position": "center"}
     wrong_colour = dict(a, color="green")
     wrong_all = {"color": "yellow", "shape": "triangle", "position": "bottom right"}
-    drawn = [(caption_for(**a), a), (caption_for(**b), b), (caption_for(**a), wrong_colour),
-             (caption_for(**b), wrong_all)]
+    drawn = [
+        (caption_for(**a), a),
+        (caption_for(**b), b),
+        (caption_for(**a), wrong_colour),
+        (caption_for(**b), wrong_all),
+    ]
     captions = {"x.png": caption_for(**a), "y.png": "a blue circle in the center", "z.png": "nonsense"}
     _samples(tmp_path, drawn, captions)
     g = generation_scores(tmp_path)
@@ -72,13 +76,22 @@ def test_report_has_the_scores_and_a_loss_plot(tmp_path):
 
     for name in ("llamafusion", "transfusion"):
         (tmp_path / name / "train").mkdir(parents=True)
-        (tmp_path / name / "train" / "metrics.jsonl").write_text("\n".join(
-            json.dumps({"step": s, "loss": 3.0 / s, "lm_loss": 2.0 / s, "diffusion_loss": 1.0 / s})
-            for s in range(1, 9)))
-    metrics = {"llamafusion": {"generation": {"color": 0.9, "shape": 0.6, "position": 0.8, "all": 0.5, "n": 20},
-                               "language": {"base_perplexity": 2.5, "trained_perplexity": 2.5}},
-               "transfusion": {"generation": {"color": 0.7, "shape": 0.4, "position": 0.85, "all": 0.25, "n": 20},
-                               "language": {"base_perplexity": 2.5, "trained_perplexity": 3.25}}}
+        (tmp_path / name / "train" / "metrics.jsonl").write_text(
+            "\n".join(
+                json.dumps({"step": s, "loss": 3.0 / s, "lm_loss": 2.0 / s, "diffusion_loss": 1.0 / s})
+                for s in range(1, 9)
+            )
+        )
+    metrics = {
+        "llamafusion": {
+            "generation": {"color": 0.9, "shape": 0.6, "position": 0.8, "all": 0.5, "n": 20},
+            "language": {"base_perplexity": 2.5, "trained_perplexity": 2.5},
+        },
+        "transfusion": {
+            "generation": {"color": 0.7, "shape": 0.4, "position": 0.85, "all": 0.25, "n": 20},
+            "language": {"base_perplexity": 2.5, "trained_perplexity": 3.25},
+        },
+    }
     rep = write_report(tmp_path, metrics, {"train": 12.0})
     text = rep.read_text()
     assert "| score | llamafusion | transfusion |" in text

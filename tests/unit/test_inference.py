@@ -39,16 +39,21 @@ def test_greedy_text_equals_transformers_generate(model, hf_dir):
     assert ours.shape == ref.shape and torch.equal(ours, ref), (ours, ref)
     # stopping at EOS: use a token the first row produces as "EOS"; the other rows are padded with it like HF does
     eos = int(ref[0, 9 + 4])
-    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                      eos_token_id=eos, pad_token_id=eos)
+    ref = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=eos
+    )
     ours = model.generate_text(ids, max_new_tokens=16, eos_token_id=eos)
     assert torch.equal(ours, ref), (ours, ref)
 
 
 def test_sampling_is_seeded_and_top_p_restricts(model):
     ids = torch.randint(3, 290, (2, 5), generator=torch.Generator().manual_seed(1))
-    a = model.generate_text(ids, 8, do_sample=True, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3))
-    b = model.generate_text(ids, 8, do_sample=True, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    a = model.generate_text(
+        ids, 8, do_sample=True, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3)
+    )
+    b = model.generate_text(
+        ids, 8, do_sample=True, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(a, b)
     # top_p -> 0 keeps only the most likely token: sampling becomes greedy
     c = model.generate_text(ids, 8, do_sample=True, top_p=1e-6, generator=torch.Generator().manual_seed(4))
@@ -102,7 +107,7 @@ def _greedy_by_recomputation(model, latents, steps):
     for _ in range(steps):
         ids = torch.tensor([[BOS, BOI] + [0] * T + [EOI] + t for t in toks])
         img = torch.full_like(ids, -1)
-        img[:, 2:2 + T] = torch.arange(n)[:, None]
+        img[:, 2 : 2 + T] = torch.arange(n)[:, None]
         batch = FusionBatch(input_ids=ids, image_ids=img, latents=latents, timesteps=torch.zeros(n, dtype=torch.long))
         logits, _ = model.forward_cached(batch, KVCache(n))
         logits[:, [BOI, EOI]] = float("-inf")
@@ -120,8 +125,9 @@ def test_caption_equals_recomputation(model):
 
 def test_interleaved_places_an_image_where_the_prompt_opens_one(model):
     prompt = [BOS, 5, 6, BOI]
-    ids, images = model.generate_interleaved(prompt, max_new_tokens=5, num_steps=4,
-                                             generator=torch.Generator().manual_seed(7))
+    ids, images = model.generate_interleaved(
+        prompt, max_new_tokens=5, num_steps=4, generator=torch.Generator().manual_seed(7)
+    )
     assert len(images) == 1 and ids[:5] == prompt + [EOI] and len(ids) == 10 and BOI not in ids[4:]
     # the image is the one text->image sampling makes from the same caption and seed
     ref = model.generate_images([[BOS, 5, 6]], num_steps=4, generator=torch.Generator().manual_seed(7))

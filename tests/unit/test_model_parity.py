@@ -140,7 +140,7 @@ def test_sincos_position_embedding_adds_row_and_column(tiny_hf, io):
         ref += [math.sin(c * x) for x in w] + [math.cos(c * x) for x in w]
         assert torch.allclose(table[r, c], torch.tensor(ref), atol=1e-4)
     assert torch.allclose(table[0, 1, : h // 2], table[0, 2, : h // 2], atol=1e-5)  # same row, same first half
-    assert not torch.allclose(table[0, 1, h // 2:], table[0, 2, h // 2:])  # columns told apart
+    assert not torch.allclose(table[0, 1, h // 2 :], table[0, 2, h // 2 :])  # columns told apart
 
 
 def test_special_tokens_use_trainable_rows(tiny_hf):

@@ -19,8 +19,9 @@ def _measure(rank, world, overrides, hf_dir, run_dir):
     from megafusion.planning.tensor_memory import TensorMemoryTracker
     from megafusion.training.trainer import Trainer
 
-    cfg = load_config("tiny", overrides + [f"logging.run_dir={run_dir}", "logging.tensorboard=false",
-                                           "checkpoint.interval=1000"])
+    cfg = load_config(
+        "tiny", overrides + [f"logging.run_dir={run_dir}", "logging.tensorboard=false", "checkpoint.interval=1000"]
+    )
     init_model_parallel(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel)
     tracker = TensorMemoryTracker()
     with tracker:
@@ -29,12 +30,16 @@ def _measure(rank, world, overrides, hf_dir, run_dir):
     return {"peak": torch.tensor(tracker.peak, dtype=torch.float64)}
 
 
-@pytest.mark.parametrize("overrides,world", [
-    ([], 1),
-    (["model.num_layers=8"], 1),
-    (["data.seq_length=256"], 1),
-    (["parallel.pipeline_parallel=2", "data.micro_batch_size=1"], 2),
-], ids=["tiny", "tiny-8-layers", "tiny-seq256", "tiny-pp2"])
+@pytest.mark.parametrize(
+    "overrides,world",
+    [
+        ([], 1),
+        (["model.num_layers=8"], 1),
+        (["data.seq_length=256"], 1),
+        (["parallel.pipeline_parallel=2", "data.micro_batch_size=1"], 2),
+    ],
+    ids=["tiny", "tiny-8-layers", "tiny-seq256", "tiny-pp2"],
+)
 def test_planner_matches_measured_peak(tmp_path, overrides, world):
     from megafusion.config import load_config
     from megafusion.demo.tiny_llama import write_random_hf_llama
@@ -51,8 +56,9 @@ def test_planner_matches_measured_peak(tmp_path, overrides, world):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "tools/estimate_memory.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "tools/estimate_memory.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_slurm_layouts_fit_80gb():
@@ -60,16 +66,27 @@ def test_slurm_layouts_fit_80gb():
         r = _cli("--config", preset, "--gpus", gpus, "--layouts")
         assert r.returncode == 0, r.stdout + r.stderr
         assert "fits 80 GiB" in r.stdout and "layouts on" in r.stdout and "TP8 PP" in r.stdout
-    r = _cli("--config", "llama3-70b-fusion", "parallel.pipeline_parallel=1", "parallel.activation_checkpointing=false",
-             "--gpus", "8", "--gpu-gb", "80")
+    r = _cli(
+        "--config",
+        "llama3-70b-fusion",
+        "parallel.pipeline_parallel=1",
+        "parallel.activation_checkpointing=false",
+        "--gpus",
+        "8",
+        "--gpu-gb",
+        "80",
+    )
     assert r.returncode == 1 and "does NOT fit" in r.stdout
 
 
-@pytest.mark.parametrize("preset,gpu_counts", [
-    ("tiny", (1, 2, 4, 8)),
-    ("llama3-8b-fusion", (8, 16, 64)),
-    ("llama3-70b-fusion", (64, 128, 256)),
-])
+@pytest.mark.parametrize(
+    "preset,gpu_counts",
+    [
+        ("tiny", (1, 2, 4, 8)),
+        ("llama3-8b-fusion", (8, 16, 64)),
+        ("llama3-70b-fusion", (64, 128, 256)),
+    ],
+)
 def test_planner_proposes_only_layouts_the_config_rules_accept(preset, gpu_counts):
     from megafusion.config import config_problems, load_config
     from megafusion.parallel.layout import with_layout
@@ -96,8 +113,13 @@ def test_converter_refuses_a_layout_by_the_config_split_rules(tiny_hf, tmp_path)
     cfg = load_config("tiny")
     m = cfg.model  # 4 heads, 2 kv heads, ffn 352, 4 layers
     assert [p.short() for p in split_problems(m, 3, 1)] == [
-        "attention heads 4 not divisible by 3", "kv heads 2 not divisible by 3", "ffn size 352 not divisible by 3"]
-    assert [str(p) for p in split_problems(m, 1, 3)] == ["model.num_layers=4 is not divisible by parallel.pipeline_parallel=3"]
+        "attention heads 4 not divisible by 3",
+        "kv heads 2 not divisible by 3",
+        "ffn size 352 not divisible by 3",
+    ]
+    assert [str(p) for p in split_problems(m, 1, 3)] == [
+        "model.num_layers=4 is not divisible by parallel.pipeline_parallel=3"
+    ]
     with pytest.raises(ConfigError, match="model.num_layers=4 is not divisible by parallel.pipeline_parallel=3"):
         validate_config(load_config("tiny", ["parallel.pipeline_parallel=3"]))
     # the tiny HF Llama has 2 layers and 4 / 2 heads: the converter asks the same rules

@@ -26,8 +26,9 @@ def test_trained_vae_reconstructs_what_the_checker_reads(tmp_path):
     vae = AutoencoderKL.from_pretrained(str(tmp_path / "vae")).eval()
     acc = reconstruction_accuracy(vae, 32, n=200, seed=777)
     assert min(acc.values()) >= 0.9, acc
-    rand = reconstruction_accuracy(AutoencoderKL.from_pretrained(str(write_random_vae(tmp_path / "rand"))), 32,
-                                   n=200, seed=777)
+    rand = reconstruction_accuracy(
+        AutoencoderKL.from_pretrained(str(write_random_vae(tmp_path / "rand"))), 32, n=200, seed=777
+    )
     assert min(rand.values()) < 0.5, rand
     assert 0.05 < vae.config.scaling_factor < 50
 
@@ -64,8 +65,17 @@ def test_base_llama_learns_the_caption_language(tmp_path):
     from megafusion.demo.tokenizer import write_word_tokenizer
 
     tok = write_word_tokenizer(tmp_path / "tok")
-    r = _tool("tools/train_base_llama.py", "--tokenizer", str(tok), "--out", str(tmp_path / "base"), "--config",
-              "tiny", "--steps", "150")
+    r = _tool(
+        "tools/train_base_llama.py",
+        "--tokenizer",
+        str(tok),
+        "--out",
+        str(tmp_path / "base"),
+        "--config",
+        "tiny",
+        "--steps",
+        "150",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))  # a plain HF Llama
     held = text_corpus(100, seed=99)

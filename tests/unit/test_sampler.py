@@ -16,8 +16,9 @@ def _oracle_run(prediction, eta, x0, clip_x0="auto"):
         a = sch.alphas_cumprod[t].double()
         eps = (x.double() - a.sqrt() * x0) / (1 - a).sqrt()  # the noise that explains x given x0
         target = sch.target(x0.double(), eps, torch.full((x0.shape[0],), t), prediction).float()
-        x = step(sch, x, target, t, ts[i + 1] if i + 1 < len(ts) else -1, eta, g, clip_x0=clip_x0,
-                 prediction=prediction)
+        x = step(
+            sch, x, target, t, ts[i + 1] if i + 1 < len(ts) else -1, eta, g, clip_x0=clip_x0, prediction=prediction
+        )
     return x
 
 

@@ -53,8 +53,11 @@ def test_shared_gradient_is_sum_of_tower_gradients(tiny_hf):
     checked = 0
     for name, p in shared.named_parameters():
         ref = f[name].grad
-        twin = name.replace(".text.", ".image.") if ".text." in name else (
-            name[: -len("text")] + "image" if name.endswith("norm.text") else None)
+        twin = (
+            name.replace(".text.", ".image.")
+            if ".text." in name
+            else (name[: -len("text")] + "image" if name.endswith("norm.text") else None)
+        )
         if twin is not None:
             ref = ref + f[twin].grad
             checked += 1
