@@ -56,9 +56,9 @@ def main(argv=None) -> int:
             metrics["language"]["trained_perplexity"] = fusion_perplexity(model, tok, texts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metrics, indent=1))
-    tmp.replace(out)
+    from megafusion.durable import write_text
+
+    write_text(out, json.dumps(metrics, indent=1))
     for part, vals in metrics.items():
         print(
             f"[evaluate] {part}: "

@@ -224,9 +224,9 @@ def main(argv=None) -> int:
 
     record["seconds"] = round(time.time() - t0, 2)
     if rank0:
-        tmp = out / "samples.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(out / "samples.json")
+        from megafusion.durable import write_text
+
+        write_text(out / "samples.json", json.dumps(record, indent=1))
         print(
             f"wrote {out}: {len(record['images'])} images, {len(record['captions'])} captions, "
             f"{len(record['text'])} texts in {record['seconds']} s"
