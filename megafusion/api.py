@@ -13,7 +13,6 @@ attached as methods.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -37,7 +36,7 @@ def one_process_context() -> ParallelContext:
 class LlamaFusion(LlamaFusionModel):
     """A LlamaFusion for one process (or one TP rank, given ``pctx``), with loading and generation methods."""
 
-    def __init__(self, cfg: ModelConfig, pctx: Optional[ParallelContext] = None, **kwargs):
+    def __init__(self, cfg: ModelConfig, pctx: ParallelContext | None = None, **kwargs):
         super().__init__(cfg, pctx if pctx is not None else one_process_context(), **kwargs)
 
     # ------------------------------------------------------------------ construction
@@ -46,8 +45,8 @@ class LlamaFusion(LlamaFusionModel):
         cls,
         path: str,
         *,
-        image: Optional[ImageConfig] = None,
-        pctx: Optional[ParallelContext] = None,
+        image: ImageConfig | None = None,
+        pctx: ParallelContext | None = None,
         seed: int = 1234,
         **model_overrides,
     ) -> LlamaFusion:
@@ -60,7 +59,7 @@ class LlamaFusion(LlamaFusionModel):
         return build_llamafusion(cfg, pctx if pctx is not None else one_process_context(), path, seed=seed, cls=cls)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, pctx: Optional[ParallelContext] = None, seed: int = 1234) -> LlamaFusion:
+    def from_pretrained(cls, path: str, *, pctx: ParallelContext | None = None, seed: int = 1234) -> LlamaFusion:
         """Load a directory written by ``tools/export_hf.py``: the HF text tower plus the trained image side."""
         return load_exported(path, pctx if pctx is not None else one_process_context(), seed=seed, cls=cls)
 
@@ -82,7 +81,7 @@ class LlamaFusion(LlamaFusionModel):
         return generate.generate_interleaved(self, input_ids, **kw)
 
 
-def load_for_inference(path: str | Path, pctx: Optional[ParallelContext] = None) -> Loaded:
+def load_for_inference(path: str | Path, pctx: ParallelContext | None = None) -> Loaded:
     """An exported directory, a checkpoint folder or a save dir with ``latest``, as a :class:`LlamaFusion`
     (``megafusion.inference.load.load_for_inference`` with this module's class and one-process default)."""
     return _load_for_inference(path, pctx if pctx is not None else one_process_context(), cls=LlamaFusion)

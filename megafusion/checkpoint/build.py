@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, TypeVar
+from typing import TypeVar
 
 from megafusion.checkpoint.hf_import import load_hf_llama
 from megafusion.config.schema import ModelConfig
@@ -34,7 +34,7 @@ def build_llamafusion(
     hf_dir: str | Path,
     *,
     seed: int,
-    layer_ids: Optional[Sequence[int]] = None,
+    layer_ids: Sequence[int] | None = None,
     pre_process: bool = True,
     post_process: bool = True,
     pipeline_parallel: int = 1,

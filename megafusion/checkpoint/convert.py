@@ -18,7 +18,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -46,7 +45,7 @@ def convert_hf_llama(
     cfg: Config,
     tp: int,
     pp: int,
-    vpp: Optional[int] = None,
+    vpp: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Write ``out_dir`` (atomically) and return it. ``cfg`` supplies the image side and seed."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from safetensors import safe_open
@@ -94,7 +94,7 @@ def read_checkpoint_files(path: str | Path) -> tuple[dict[str, Any], dict[str, A
     return meta, index, config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
 
 
-def latest_checkpoint(save_dir: str | Path) -> Optional[Path]:
+def latest_checkpoint(save_dir: str | Path) -> Path | None:
     """The complete checkpoint ``latest`` points to, or None."""
     pointer = Path(save_dir) / LATEST
     if not pointer.is_file():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -31,7 +31,7 @@ def read_hf_config(path: str | Path) -> dict:
     return json.loads(cfg_path.read_text())
 
 
-def model_config_from_hf(hf: dict, image: Optional[ImageConfig] = None, **overrides: Any) -> ModelConfig:
+def model_config_from_hf(hf: dict, image: ImageConfig | None = None, **overrides: Any) -> ModelConfig:
     """ModelConfig from a HF LlamaConfig dict (either the v4 ``rope_scaling`` or v5 ``rope_parameters`` form).
 
     <BOI>/<EOI> default to Llama-3's <|reserved_special_token_0/1|> (128002/128003)

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -113,7 +113,7 @@ class _Source:
                         continue  # tied replica of image_in: rebuilt from image_in
                     self.model[canon][t] = (rel, key)
                     self.shapes[(canon, t)] = tuple(info["shape"])
-        self.step: Optional[float] = None
+        self.step: float | None = None
         # canonical name -> {tp_rank: [(file, tensor key, start, stop)]} per state, for flat ZeRO partitions
         self.optim: dict[str, dict[int, dict[str, list[tuple[str, str, int, int]]]]] = defaultdict(dict)
         if not self.weights_only:
@@ -213,7 +213,7 @@ class _Source:
     def has_state(self, canon: str, state: str) -> bool:
         return state in self.optim.get(canon, {}).get(0, {})
 
-    def _pieces(self, canon: str, t: int, state: Optional[str]) -> tuple[list[tuple[int, int, int, int]], int]:
+    def _pieces(self, canon: str, t: int, state: str | None) -> tuple[list[tuple[int, int, int, int]], int]:
         """Where input rank t's shard of ``canon`` (or of its optimizer ``state``) lies, in its flat order.
 
         Returns ([(file index, byte offset, first element, end element)], itemsize): one piece
@@ -230,7 +230,7 @@ class _Source:
             at += b - a
         return pieces, 4
 
-    def runs(self, canon: str, tp: int, rank: int, state: Optional[str] = None) -> list[tuple[int, int, int]]:
+    def runs(self, canon: str, tp: int, rank: int, state: str | None = None) -> list[tuple[int, int, int]]:
         """Source byte runs, in order, of rank ``rank``'s shard at TP size ``tp`` (weight or optimizer state).
 
         The re-cut is computed on *unit ids* instead of values: every input shard becomes a
@@ -271,7 +271,7 @@ class _Source:
         return merge_runs(runs)
 
 
-def _check_layout(cfg: Config, new: Layout, dp: Optional[int], where: Path) -> None:
+def _check_layout(cfg: Config, new: Layout, dp: int | None, where: Path) -> None:
     problems = [sp.short() for sp in split_problems(cfg.model, new.tp, new.pp, new.vpp)]
     if dp is not None:
         d = cfg.data
@@ -294,8 +294,8 @@ def reshard_checkpoint(
     out_dir: str | Path,
     tp: int,
     pp: int,
-    vpp: Optional[int] = None,
-    dp: Optional[int] = None,
+    vpp: int | None = None,
+    dp: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from collections.abc import Iterable
 from pathlib import Path
@@ -47,7 +48,7 @@ def _resolve_source(name_or_path: str) -> Path:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to the annotated type ``tp`` or raise naming ``key``."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None (or Optional[X])
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None

@@ -9,7 +9,6 @@ are the reference documentation: keep them true.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 ARCHITECTURES = ("llamafusion", "transfusion")
 """model.architecture values: the recipe, and the paper's one-tower baseline."""
@@ -123,7 +122,7 @@ class ParallelConfig:
     """Tensor-parallel size (megatron-core TP group)."""
     pipeline_parallel: int = 1
     """Pipeline stages."""
-    virtual_pipeline_stages: Optional[int] = None
+    virtual_pipeline_stages: int | None = None
     """Interleaved model chunks per pipeline rank (None = plain 1F1B)."""
     data_parallel: int = -1
     """Data-parallel size; -1 = world_size / (TP x PP)."""

@@ -7,7 +7,6 @@ failing rules are reported together so a user fixes a config in one pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from megafusion.config.loader import ConfigError
 from megafusion.config.schema import ARCHITECTURES, Config, ModelConfig
@@ -31,7 +30,7 @@ class SplitProblem:
         return f"{self.what} {self.value} not divisible by {self.divisor}"
 
 
-def split_problems(m: ModelConfig, tp: int, pp: int, vpp: Optional[int] = None) -> list[SplitProblem]:
+def split_problems(m: ModelConfig, tp: int, pp: int, vpp: int | None = None) -> list[SplitProblem]:
     """Can ``m`` be cut as TP x PP (x VPP)? Heads, kv heads and FFN over TP, layers over PP x VPP.
 
     The one statement of these rules: config validation, the converter, the resharder and the
@@ -62,7 +61,7 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
 
 
-def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
+def config_problems(cfg: Config, world_size: int | None = None) -> list[str]:
     """Every violated rule as a one-line message (empty list = valid)."""
     m, p, img = cfg.model, cfg.parallel, cfg.model.image
     errs: list[str] = []
@@ -229,7 +228,7 @@ def config_problems(cfg: Config, world_size: Optional[int] = None) -> list[str]:
     return errs
 
 
-def validate_config(cfg: Config, world_size: Optional[int] = None) -> Config:
+def validate_config(cfg: Config, world_size: int | None = None) -> Config:
     """Raise :class:`ConfigError` listing every problem, or return ``cfg`` unchanged."""
     errs = config_problems(cfg, world_size)
     if errs:

@@ -28,7 +28,6 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -176,7 +175,7 @@ def load_vae(vae_dir: str, device: torch.device):
 
 
 @torch.no_grad()
-def encode_images(vae, x: torch.Tensor, opts: CacheOptions, seeds: Optional[list[int]] = None) -> torch.Tensor:
+def encode_images(vae, x: torch.Tensor, opts: CacheOptions, seeds: list[int] | None = None) -> torch.Tensor:
     """[n, 3, R, R] in [-1, 1] -> scaled latents [n, C, R/f, R/f]: (z - shift_factor) * scaling_factor."""
     dist = vae.encode(x.to(vae.device, vae.dtype)).latent_dist
     if opts.sample:
@@ -203,7 +202,7 @@ def done_record(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".done.json")
 
 
-def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions, crash_after: Optional[int] = None) -> dict:
+def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions, crash_after: int | None = None) -> dict:
     """``crash_after`` (tests only) kills the process after that many samples of this shard."""
     """Encode one input shard into ``out_path`` atomically; return its counts (also written as the record)."""
     import webdataset as wds

@@ -14,7 +14,6 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
 
 from megafusion.data.latent_cache import CacheOptions, done_record, expand_inputs
 from megafusion.durable import write_text
@@ -26,7 +25,7 @@ SUMMARY = "summary.json"
 class EncoderWorker:
     """Holds one VAE; encodes whole shards. Wrapped with ``ray.remote`` by :func:`run`."""
 
-    def __init__(self, vae_dir: str, opts: dict, crash_after: Optional[int] = None, crash_shard: Optional[str] = None):
+    def __init__(self, vae_dir: str, opts: dict, crash_after: int | None = None, crash_shard: str | None = None):
         import torch
 
         from megafusion.data.latent_cache import load_vae
@@ -106,11 +105,11 @@ def run(
     vae_dir: str,
     opts: CacheOptions,
     num_workers: int,
-    address: Optional[str] = None,
+    address: str | None = None,
     max_retries: int = 1,
-    crash_after: Optional[int] = None,
+    crash_after: int | None = None,
     log=print,
-    crash_shard: Optional[str] = None,
+    crash_shard: str | None = None,
 ) -> dict:
     """Encode every not-yet-done shard; returns the summary. Raises if shards still failed after retries."""
     import ray

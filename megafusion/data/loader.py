@@ -19,7 +19,6 @@ import io
 import json
 import random
 from collections.abc import Iterator
-from typing import Optional
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -59,7 +58,7 @@ def read_latent_sample(parts: dict[str, bytes]) -> tuple[np.ndarray, str, dict]:
 
 
 class LatentSequenceDataset(IterableDataset):
-    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, start_batch: int = 0, max_epochs: Optional[int] = None):
+    def __init__(self, cfg: Config, dp_rank: int, dp_size: int, start_batch: int = 0, max_epochs: int | None = None):
         super().__init__()
         self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
         self.start_batch, self.max_epochs = start_batch, max_epochs
@@ -191,7 +190,7 @@ class LatentSequenceDataset(IterableDataset):
 
 
 def make_loader(
-    cfg: Config, dp_rank: int, dp_size: int, start_batch: int = 0, max_epochs: Optional[int] = None
+    cfg: Config, dp_rank: int, dp_size: int, start_batch: int = 0, max_epochs: int | None = None
 ) -> DataLoader:
     ds = LatentSequenceDataset(cfg, dp_rank, dp_size, start_batch, max_epochs)
     return DataLoader(

@@ -16,7 +16,6 @@ whose next token is text of the same document, except the one predicting
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from megafusion.model.batch import FusionBatch
 class Document:
     tokens: list[int]
     """Token ids; image positions hold ``image_token_placeholder`` (-1)."""
-    latent: Optional[np.ndarray] = None
+    latent: np.ndarray | None = None
     """[C, h, w] clean latent of this document's image (None for text-only)."""
     image_start: int = -1
     """Index in ``tokens`` of the first image token."""
@@ -52,7 +51,7 @@ class SpecialTokens:
 
 def make_document(
     caption_ids: list[int],
-    latent: Optional[np.ndarray],
+    latent: np.ndarray | None,
     tokens_per_image: int,
     sp: SpecialTokens,
     caption_first: bool,

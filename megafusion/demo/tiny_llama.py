@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -47,7 +46,7 @@ def write_random_hf_llama(
     cfg: ModelConfig,
     path: str | Path,
     seed: int = 0,
-    max_params: Optional[int] = MAX_RANDOM_PARAMS,
+    max_params: int | None = MAX_RANDOM_PARAMS,
     norm_noise: float = 0.0,
 ) -> Path:
     """Save a random LlamaForCausalLM with cfg's dimensions (safetensors) to ``path`` unless one is there.

@@ -13,8 +13,6 @@ Every training path calls these (``data.stream`` for noising, ``training.stages`
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +21,7 @@ from megafusion.diffusion.schedule import CosineSchedule
 
 
 def sample_timesteps(
-    cfg: DiffusionConfig, n: int, generator: torch.Generator, caption_after: Optional[torch.Tensor] = None
+    cfg: DiffusionConfig, n: int, generator: torch.Generator, caption_after: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Timesteps [n] for n images; ``caption_after`` [n] bool marks captioning pairs (capped noise)."""
     t = torch.randint(0, cfg.num_timesteps, (n,), generator=generator)
@@ -40,7 +38,7 @@ def noised(
     return schedule.add_noise(x0, noise, t), schedule.target(x0, noise, t, prediction)
 
 
-def diffusion_mse(pred: Optional[torch.Tensor], target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def diffusion_mse(pred: torch.Tensor | None, target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Mean squared error in fp32; a zero scalar (on ``like``'s device) when the micro-batch holds no image."""
     if pred is None:
         return like.new_zeros(())

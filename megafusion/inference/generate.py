@@ -18,7 +18,6 @@ and noise without any extra communication.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Optional, Union
 
 import torch
 
@@ -27,14 +26,14 @@ from megafusion.inference.sampler import eta_of, per_image_noise, step, timestep
 from megafusion.model.batch import FusionBatch
 from megafusion.model.kv_cache import KVCache
 
-Prompts = Union[torch.Tensor, Sequence[Sequence[int]]]
+Prompts = torch.Tensor | Sequence[Sequence[int]]
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _need_generator(model, generator: Optional[torch.Generator], what: str) -> None:
+def _need_generator(model, generator: torch.Generator | None, what: str) -> None:
     """TP ranks must draw the same random numbers: require an explicitly seeded generator there."""
     if generator is None and model.pctx.tp_size > 1:
         raise ValueError(
@@ -64,7 +63,7 @@ def _prompt_list(model, prompts: Prompts, what: str = "prompt") -> list[list[int
 
 
 def next_token(
-    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: Optional[torch.Generator]
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:
     """logits [b, V] -> token ids [b]: argmax, or a draw at ``temperature`` from the top-p nucleus."""
     logits = logits.float()
@@ -87,11 +86,11 @@ def _decode(
     logits: torch.Tensor,
     next_pos: torch.Tensor,
     max_new_tokens: int,
-    eos_token_id: Optional[int],
+    eos_token_id: int | None,
     do_sample: bool,
     temperature: float,
     top_p: float,
-    generator: Optional[torch.Generator],
+    generator: torch.Generator | None,
     banned: Sequence[int] = (),
 ) -> torch.Tensor:
     """Autoregressive tokens [b, n] after the cached prefix; rows that emitted EOS are padded with EOS."""
@@ -130,8 +129,8 @@ def generate_text(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    eos_token_id: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """[b, s] prompt ids (same length, no padding) -> [b, s + n]: the prompt then the new tokens, like HF generate."""
     _prompt_list(model, input_ids)
@@ -197,12 +196,12 @@ def _denoise(
     model,
     predict: Callable[[torch.Tensor, int], torch.Tensor],
     n: int,
-    guidance_scale: Optional[float],
+    guidance_scale: float | None,
     num_steps: int,
     sampler: str,
-    eta: Optional[float],
+    eta: float | None,
     num_train_timesteps: int,
-    generator: Optional[torch.Generator],
+    generator: torch.Generator | None,
     progress: bool,
     prediction: str = "epsilon",
 ) -> torch.Tensor:
@@ -231,10 +230,10 @@ def generate_images(
     prompts: Prompts,
     num_steps: int = 50,
     sampler: str = "ddim",
-    eta: Optional[float] = None,
-    guidance_scale: Optional[float] = None,
-    uncond_prompt: Optional[Sequence[int]] = None,
-    generator: Optional[torch.Generator] = None,
+    eta: float | None = None,
+    guidance_scale: float | None = None,
+    uncond_prompt: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
     use_cache: bool = True,
     num_train_timesteps: int = 1000,
     progress: bool = False,
@@ -300,12 +299,12 @@ def caption(
     model,
     latents: torch.Tensor,
     bos_token_id: int,
-    eos_token_id: Optional[int] = None,
+    eos_token_id: int | None = None,
     max_new_tokens: int = 32,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
 ) -> list[list[int]]:
     """Clean image latents [n, C, H, W] -> caption ids per image (up to, not including, EOS)."""
     _check_latents(model, latents)
@@ -350,15 +349,15 @@ def generate_interleaved(
     input_ids: Sequence[int],
     max_new_tokens: int = 64,
     max_images: int = 1,
-    eos_token_id: Optional[int] = None,
+    eos_token_id: int | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
     num_steps: int = 50,
     sampler: str = "ddim",
-    eta: Optional[float] = None,
+    eta: float | None = None,
     num_train_timesteps: int = 1000,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     progress: bool = False,
     prediction: str = "epsilon",
 ) -> tuple[list[int], list[torch.Tensor]]:

@@ -13,8 +13,6 @@ chosen sub-sequence of timesteps.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 
 from megafusion.diffusion.schedule import CosineSchedule
@@ -30,13 +28,13 @@ def timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
     return list(dict.fromkeys(ts))
 
 
-def eta_of(sampler: str, eta: Optional[float]) -> float:
+def eta_of(sampler: str, eta: float | None) -> float:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} must be one of {sorted(SAMPLERS)}")
     return SAMPLERS[sampler] if eta is None else float(eta)
 
 
-def per_image_noise(shape: torch.Size | tuple[int, ...], generator: Optional[torch.Generator]) -> torch.Tensor:
+def per_image_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
     """Gaussian noise [n, ...] drawn image by image: image i's noise does not depend on how many follow it."""
     return torch.stack([torch.randn(tuple(shape[1:]), generator=generator) for _ in range(shape[0])])
 
@@ -44,7 +42,7 @@ def per_image_noise(shape: torch.Size | tuple[int, ...], generator: Optional[tor
 EPSILON_CLIP_X0 = 4.0
 
 
-def default_clip_x0(prediction: str) -> Optional[float]:
+def default_clip_x0(prediction: str) -> float | None:
     """The x0 clamp of ``step`` when none is given.
 
     epsilon: 4. At the first steps of the cosine schedule sqrt(alpha_bar) is ~5e-5, so x0
@@ -63,8 +61,8 @@ def step(
     t: int,
     t_prev: int,
     eta: float,
-    generator: Optional[torch.Generator] = None,
-    clip_x0: Union[float, None, str] = "auto",
+    generator: torch.Generator | None = None,
+    clip_x0: float | None | str = "auto",
     prediction: str = "epsilon",
 ) -> torch.Tensor:
     """One update from timestep ``t`` to ``t_prev`` (-1 = the clean sample); ``pred`` is eps or v.

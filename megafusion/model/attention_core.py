@@ -10,7 +10,7 @@ Two backends behind one function:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class AttentionMask:
     """Per-forward mask state, built once and shared by all layers."""
 
     backend: str  # "sdpa" or "flex"
-    dense: Optional[torch.Tensor] = None  # [b, 1, q, k] bool (sdpa)
+    dense: torch.Tensor | None = None  # [b, 1, q, k] bool (sdpa)
     block_mask: Any = None  # FlexAttention BlockMask (flex)
 
     @staticmethod
@@ -62,7 +62,7 @@ class AttentionMask:
 
 
 def shared_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: Optional[float] = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float | None = None
 ) -> torch.Tensor:
     """q [b, hq, s, d], k/v [b, hkv, s, d] (GQA: hq % hkv == 0) -> [b, hq, s, d]."""
     gqa = q.shape[1] != k.shape[1]

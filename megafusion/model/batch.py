@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Optional
 
 import torch
 
@@ -21,26 +20,26 @@ class FusionBatch:
     """[b, s] token ids; the value at image positions is ignored."""
     image_ids: torch.Tensor
     """[b, s] -1 for text tokens, else the index in ``latents`` of the image this token belongs to."""
-    position_ids: Optional[torch.Tensor] = None
+    position_ids: torch.Tensor | None = None
     """[b, s] RoPE positions (restart at 0 in each packed document); default 0..s-1."""
-    document_ids: Optional[torch.Tensor] = None
+    document_ids: torch.Tensor | None = None
     """[b, s] packed-document id; no attention across documents; default one document per row."""
-    latents: Optional[torch.Tensor] = None
+    latents: torch.Tensor | None = None
     """[n_img, C, H, W] noisy VAE latents x_t (clean latents with t=0 for understanding)."""
-    timesteps: Optional[torch.Tensor] = None
+    timesteps: torch.Tensor | None = None
     """[n_img] diffusion timestep of each image."""
-    labels: Optional[torch.Tensor] = None
+    labels: torch.Tensor | None = None
     """[b, s] next-token target of each position (any value where loss_mask is 0)."""
-    loss_mask: Optional[torch.Tensor] = None
+    loss_mask: torch.Tensor | None = None
     """[b, s] 1.0 where the LM loss counts (text positions only; not on the token predicting <BOI>)."""
-    sample_keys: Optional[list] = None
+    sample_keys: list | None = None
     """Provenance of each image (source shard#key), in image order; not used by the model."""
-    caption_after: Optional[torch.Tensor] = None
+    caption_after: torch.Tensor | None = None
     """[n_img] bool, True where the image's caption follows it (an understanding example); the
     trainer caps the noise of those images (``diffusion.understanding_max_timestep``). Not used by the model."""
 
     @staticmethod
-    def text_only(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> FusionBatch:
+    def text_only(input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> FusionBatch:
         return FusionBatch(input_ids=input_ids, image_ids=torch.full_like(input_ids, -1), labels=labels)
 
     @property

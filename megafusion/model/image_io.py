@@ -15,7 +15,6 @@ Both variants expose the same two calls:
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from megafusion.config.schema import ImageConfig
 from megafusion.model.norm import RMSNorm
 
-Skips = Optional[list[torch.Tensor]]
+Skips = list[torch.Tensor] | None
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

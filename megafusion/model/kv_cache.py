@@ -15,7 +15,6 @@ Two ways a forward uses the cache (``frozen``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -25,8 +24,8 @@ class KVCache:
     batch_size: int  # rows of the sequences it holds (checked against each new batch)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
-    document_ids: Optional[torch.Tensor] = None  # [b, s_past]
-    image_ids: Optional[torch.Tensor] = None  # [b, s_past], -1 for text
+    document_ids: torch.Tensor | None = None  # [b, s_past]
+    image_ids: torch.Tensor | None = None  # [b, s_past], -1 for text
     frozen: bool = False  # True: extend() does not store (denoising steps)
 
     @property

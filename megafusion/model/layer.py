@@ -11,7 +11,7 @@ Per-rank fused weight layouts (what ``checkpoint.tp_layout`` slices HF weights i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -39,7 +39,7 @@ class LayerInputs:
     sin: torch.Tensor
     seq_len: int
     batch_size: int
-    kv_cache: Optional[KVCache] = None  # inference: keys/values of earlier tokens (megafusion.inference)
+    kv_cache: KVCache | None = None  # inference: keys/values of earlier tokens (megafusion.inference)
 
 
 class FusionLayer(nn.Module):

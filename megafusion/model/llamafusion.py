@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -63,7 +63,7 @@ class FusionOutput:
     """Sum of per-token LM cross-entropy over loss_mask (0 if no labels)."""
     lm_tokens: torch.Tensor
     """Number of tokens in lm_loss_sum."""
-    image_pred: Optional[torch.Tensor]
+    image_pred: torch.Tensor | None
     """[n_img, C, H, W] predicted noise (None without images)."""
 
     @property
@@ -93,7 +93,7 @@ class LlamaFusionModel(nn.Module):
         *,
         pre_process: bool = True,
         post_process: bool = True,
-        layer_ids: Optional[Sequence[int]] = None,
+        layer_ids: Sequence[int] | None = None,
         seed: int = 1234,
         pipeline_parallel: int = 1,
     ):
@@ -184,7 +184,7 @@ class LlamaFusionModel(nn.Module):
             p.requires_grad_(self.trains(name))
 
     @torch.no_grad()
-    def init_random_text_tower(self, std: Optional[float] = None, seed: int = 0) -> None:
+    def init_random_text_tower(self, std: float | None = None, seed: int = 0) -> None:
         """Random text tower (tests and from-scratch runs); shards of one rank only, not TP-consistent."""
         std = self.cfg.init_std if std is None else std
         g = torch.Generator().manual_seed(seed + 7919 * self.pctx.tp_rank)
@@ -197,7 +197,7 @@ class LlamaFusionModel(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
     # ------------------------------------------------------------------ per micro-batch (every stage)
-    def prepare(self, batch: FusionBatch, kv_cache: Optional[KVCache] = None) -> ForwardState:
+    def prepare(self, batch: FusionBatch, kv_cache: KVCache | None = None) -> ForwardState:
         """Routes, mask and RoPE tables for one micro-batch (every stage computes them).
 
         With ``kv_cache`` (inference) the batch holds only the new tokens: the mask is
@@ -223,7 +223,7 @@ class LlamaFusionModel(nn.Module):
         cos, sin = rope_cos_sin(batch.position_ids, self.inv_freq, self.params_dtype)
         return ForwardState(LayerInputs(Routes(full, local), mask, cos, sin, s, b, kv_cache), is_image)
 
-    def embed(self, batch: FusionBatch, state: ForwardState) -> tuple[torch.Tensor, Optional[list]]:
+    def embed(self, batch: FusionBatch, state: ForwardState) -> tuple[torch.Tensor, list | None]:
         """Text embeddings + image tokens -> residual stream [s_local, b, h] and U-Net skips."""
         batch = batch.with_defaults()
         b, s = batch.input_ids.shape
@@ -254,7 +254,7 @@ class LlamaFusionModel(nn.Module):
                 x = layer(x, state.inputs)
         return x
 
-    def _post_inputs(self, x: torch.Tensor, routes: Routes) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def _post_inputs(self, x: torch.Tensor, routes: Routes) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Final residual stream -> (final-normed text rows for the LM head, image rows for the up-sampler).
 
         The final norm runs before the tensor-parallel region of the LM head, so its weight
@@ -284,7 +284,7 @@ class LlamaFusionModel(nn.Module):
             logits = logits.masked_fill(pad, float("-inf"))
         return logits
 
-    def heads(self, x: torch.Tensor, batch: FusionBatch, state: ForwardState, skips: Optional[list]) -> FusionOutput:
+    def heads(self, x: torch.Tensor, batch: FusionBatch, state: ForwardState, skips: list | None) -> FusionOutput:
         routes = state.inputs.routes
         text, image = self._post_inputs(x, routes)
         zero = x.new_zeros(())
@@ -322,7 +322,7 @@ class LlamaFusionModel(nn.Module):
         x = self.run_layers(x, state)
         return self.heads(x, batch, state, skips)
 
-    def text_logits(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def text_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[b, s] text-only ids -> full-vocabulary logits [b, s, vocab] (gathered over TP)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -352,7 +352,7 @@ class LlamaFusionModel(nn.Module):
     @torch.no_grad()
     def forward_cached(
         self, batch: FusionBatch, kv_cache: KVCache, logits: bool = True
-    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """New tokens against a KV cache -> (logits of each row's last token [b, vocab], predicted noise).
 
         ``batch`` holds only the new tokens, with explicit ``position_ids`` and
@@ -386,8 +386,8 @@ class LlamaFusionModel(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         image_ids: torch.Tensor,
-        position_ids: Optional[torch.Tensor] = None,
-        document_ids: Optional[torch.Tensor] = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the layers on given input embeddings [b, s, h]; tokens with image_ids >= 0 use the
         image tower. Returns the last layer's output [b, s, h] (before the final norm)."""

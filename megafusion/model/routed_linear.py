@@ -26,8 +26,6 @@ is N / TP under sequence parallelism, else N.
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -101,7 +99,7 @@ class RoutedColumnParallelLinear(nn.Module):
         *,
         config: ModelParallelConfig,
         pctx: ParallelContext,
-        pre_norm_eps: Optional[float] = None,
+        pre_norm_eps: float | None = None,
         shared: bool = False,
     ):
         super().__init__()
@@ -194,7 +192,7 @@ class RoutedRowParallelLinear(nn.Module):
     def tower(self, name: str) -> RowParallelLinear:
         return getattr(self, name)
 
-    def forward(self, x: Union[torch.Tensor, Parts], routes: Routes) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Parts, routes: Routes) -> torch.Tensor:
         parts = routes.full.split(x) if isinstance(x, torch.Tensor) else x
         t, i = parts
         partial = routes.full.merge(

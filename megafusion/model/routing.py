@@ -15,11 +15,10 @@ keeps text-only outputs bit-identical to the base Llama.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-Parts = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+Parts = tuple[torch.Tensor | None, torch.Tensor | None]
 TEXT, IMAGE = 0, 1
 
 
@@ -35,11 +34,11 @@ class Route:
     num_tokens: int
     num_text: int
     num_image: int
-    perm: Optional[torch.Tensor]  # [N] long; None when only one modality is present
-    inv_perm: Optional[torch.Tensor]
+    perm: torch.Tensor | None  # [N] long; None when only one modality is present
+    inv_perm: torch.Tensor | None
 
     @staticmethod
-    def from_modality(is_image: torch.Tensor, image_rows: Optional[torch.Tensor] = None) -> Route:
+    def from_modality(is_image: torch.Tensor, image_rows: torch.Tensor | None = None) -> Route:
         """Build from a bool vector [N] (True = image token).
 
         ``image_rows`` optionally gives the image rows in a chosen order (a

@@ -11,7 +11,6 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -> None:
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
     """Initialise the default process group from torchrun/srun env vars, or as a one-rank group.
 
     With no RANK/WORLD_SIZE in the environment (a notebook, a unit test) a
@@ -60,8 +59,8 @@ def init_distributed(backend: Optional[str] = None, timeout_minutes: int = 30) -
 def init_model_parallel(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
-    virtual_pipeline_stages: Optional[int] = None,
-    backend: Optional[str] = None,
+    virtual_pipeline_stages: int | None = None,
+    backend: str | None = None,
 ) -> None:
     """Initialise torch.distributed (if needed) and megatron-core's TP/PP/DP groups."""
     init_distributed(backend)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -57,7 +56,7 @@ class StepStats:
     mem_gb: float
     skipped: int
 
-    def line(self, total_steps: int, eta_s: Optional[float]) -> str:
+    def line(self, total_steps: int, eta_s: float | None) -> str:
         eta = f" eta {eta_s / 60:.1f}min" if eta_s is not None else ""
         return (
             f"step {self.step:>6}/{total_steps} loss {self.loss:.4f} lm_loss {self.lm_loss:.4f} "
@@ -70,7 +69,7 @@ class StepStats:
 class ScalarLogger:
     """TensorBoard writer on rank 0 (or nothing)."""
 
-    def __init__(self, log_dir: Optional[str]):
+    def __init__(self, log_dir: str | None):
         self.writer = None
         if log_dir:
             from torch.utils.tensorboard import SummaryWriter

@@ -16,8 +16,6 @@ the optimizer and receives the first stage's updated weights after each step.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -56,7 +54,7 @@ class StageModule(nn.Module):
             replica, _ = build_image_io(core.cfg.image, core.cfg.hidden_size, core.cfg.rms_norm_eps, cfg.seed)
             dev = next(core.parameters()).device
             self.add_module(REPLICA, replica.to(device=dev, dtype=core.params_dtype))
-        self.input_tensor: Optional[torch.Tensor] = None
+        self.input_tensor: torch.Tensor | None = None
 
     def set_input_tensor(self, tensor) -> None:
         if isinstance(tensor, (list, tuple)):
@@ -168,7 +166,7 @@ def broadcast_replica_weights(models: list[StageModule]) -> None:
     )
 
 
-def _tied_params(models: list[StageModule]) -> Optional[list[nn.Parameter]]:
+def _tied_params(models: list[StageModule]) -> list[nn.Parameter] | None:
     """The down-sampler parameters on the first stage, or the replica's on the last (same order)."""
     if ps.is_pipeline_first_stage(ignore_virtual=True):
         m = models[0]

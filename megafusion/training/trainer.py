@@ -16,7 +16,6 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -64,7 +63,7 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else run_dir / "checkpoints"
         self.tb = ScalarLogger(str(run_dir / "tb") if (self.rank0 and cfg.logging.tensorboard) else None)
-        self._stop_signal: Optional[int] = None
+        self._stop_signal: int | None = None
         self._peak = peak_flops(cfg)
         self._img_flops = image_io_flops_per_image(cfg)
         self.history: list[StepStats] = []
@@ -264,7 +263,7 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ the loop
-    def run(self, total_steps: Optional[int] = None) -> list[StepStats]:
+    def run(self, total_steps: int | None = None) -> list[StepStats]:
         cfg = self.cfg
         total = total_steps if total_steps is not None else cfg.optim.train_steps
         interval = max(1, cfg.checkpoint.interval)
