@@ -29,10 +29,10 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from megafusion.api import LlamaFusion  # noqa: E402
 from megafusion.config.schema import ImageConfig, ModelConfig, RopeScalingConfig  # noqa: E402
 from megafusion.model.attention_core import shared_attention  # noqa: E402
 from megafusion.model.batch import FusionBatch  # noqa: E402
-from megafusion.model.llamafusion import LlamaFusion  # noqa: E402
 from megafusion.model.norm import rms_norm  # noqa: E402
 from megafusion.model.rope import apply_rope  # noqa: E402
 

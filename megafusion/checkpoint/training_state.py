@@ -149,9 +149,7 @@ def save_checkpoint(
             tmp / "meta.json",
             {"step": step, "layout": _layout(), "time": time.time(), "world_size": dist.get_world_size(), **extra},
         )
-        for small in (INDEX, "meta.json", "config.yaml"):
-            fsync_path(tmp / small)
-        publish(tmp, final)
+        publish(tmp, final)  # fsyncs the folder's files (cheap for the shards already flushed above), renames
         write_text(save_dir / LATEST, name + "\n")
         done = sorted(p for p in save_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[:-keep] if keep > 0 else []:
