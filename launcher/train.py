@@ -8,7 +8,9 @@
 The config is loaded and validated (against the world size from torchrun/srun)
 before any process group or model exists. NCCL is used with CUDA, gloo without.
 A run resumes from ``<checkpoint.save>/latest`` when it exists; SIGTERM/SIGUSR1
-save a checkpoint and exit cleanly (exit code 0).
+save a checkpoint and exit cleanly (exit code 0). They are caught from the start: one that
+arrives before the first step (imports, rendezvous, model build, resume) exits 0 without a
+save, leaving the previous checkpoint ``latest``, so the SLURM script requeues the job.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def _rank() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First of all: a preemption signal during start-up must not kill the run (training/preemption.py).
+    from megafusion.training.preemption import StopSignal
+
+    stop = StopSignal().install()
     ap = argparse.ArgumentParser(
         prog="python -m launcher.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -88,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         backend=default_backend(),
     )
     dist.barrier()
-    trainer = Trainer(cfg, hf_dir, log=lambda s: print(s, flush=True))
-    trainer.install_signal_handlers()
+    if rank == 0:
+        print(f"[launcher] {world} ranks joined; building the model", flush=True)
+    trainer = Trainer(cfg, hf_dir, log=lambda s: print(s, flush=True), stop=stop)
     trainer.maybe_resume()
     trainer.describe()
     t0 = time.time()

@@ -66,9 +66,8 @@ def convert_hf_llama(
             + "; ".join(p.short() for p in problems)
         )
     r = SafetensorsDir(hf_dir)
-    image_in, image_out = build_image_io(
-        cfg.model.image, m.hidden_size, m.rms_norm_eps, cfg.seed
-    )  # as the trainer does
+    # the U-Nets exactly as the trainer builds them (same seeded builder)
+    image_in, image_out = build_image_io(cfg.model.image, m.hidden_size, m.rms_norm_eps, cfg.seed)
     unet_in, unet_out = image_in.state_dict(), image_out.state_dict()
     final_norm = r.get("model.norm.weight")
     specials = special_rows(r, m.boi_token_id, m.eoi_token_id)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from megafusion.training.engine import build_engine, optimizer_state_bytes
 from megafusion.training.flops import image_io_flops_per_image, transformer_flops_per_step
 from megafusion.training.lr_schedule import learning_rate
 from megafusion.training.metrics import ScalarLogger, StepStats, peak_flops, peak_memory_gb
+from megafusion.training.preemption import StopSignal
 from megafusion.training.stages import broadcast_replica_weights, build_stage_models, sync_replica_grads
 
 
@@ -40,7 +40,7 @@ class NonFiniteError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, hf_dir: str, log: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, hf_dir: str, log: Callable[[str], None] = print, stop: StopSignal | None = None):
         self.cfg, self.hf_dir = cfg, hf_dir
         self.rank0 = dist.get_rank() == 0
         self._log = log
@@ -63,7 +63,7 @@ class Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else run_dir / "checkpoints"
         self.tb = ScalarLogger(str(run_dir / "tb") if (self.rank0 and cfg.logging.tensorboard) else None)
-        self._stop_signal: int | None = None
+        self.stop = stop if stop is not None else StopSignal()
         self._peak = peak_flops(cfg)
         self._img_flops = image_io_flops_per_image(cfg)
         self.history: list[StepStats] = []
@@ -74,16 +74,16 @@ class Trainer:
             self._log(msg)
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (SLURM preemption): finish the step, save, exit cleanly."""
+        """SIGTERM / SIGUSR1 (SLURM preemption): finish the step, save, exit cleanly.
 
-        def handler(signum, _frame):
-            self._stop_signal = signum
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
+        ``launcher.train`` installs its :class:`StopSignal` before building the trainer instead, so a
+        signal during start-up is caught too.
+        """
+        self.stop.install()
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        """Did any rank receive a stop signal? (collective: every rank stops at the same step)"""
+        flag = torch.tensor([1.0 if self.stop.received else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -268,6 +268,13 @@ class Trainer:
         total = total_steps if total_steps is not None else cfg.optim.train_steps
         interval = max(1, cfg.checkpoint.interval)
         t_start, start_step = time.time(), self.step
+        if self.step < total and self._stop_requested():  # a preemption arrived while the run was starting
+            self.log(
+                f"[train] stop signal received during start-up (at step {self.step}): exiting without a save; "
+                f"{latest_checkpoint(self.save_dir) or 'no checkpoint'} stays latest"
+            )
+            self.tb.close()
+            return self.history
         while self.step < total:
             stats = self.train_step()
             self.history.append(stats)

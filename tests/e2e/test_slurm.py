@@ -109,3 +109,48 @@ def test_preempted_job_saves_requeues_and_resumes(cluster, tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{total:08d}"
     jobs = (run / "slurm_jobs.log").read_text()
     assert f"job {job} restart 0" in jobs and f"job {job} restart 1" in jobs
+
+
+@pytest.mark.slow
+def test_signal_during_start_up_requeues_and_keeps_latest(cluster, tmp_path):
+    """USR1 while the ranks build the model (before step 1): exit 0 without a save, requeue, resume from latest."""
+    run = tmp_path / "run"
+    first = subprocess.run(
+        ["sbatch", "--wait", *CPU_NODE, "cluster/train_70b.slurm"],
+        cwd=ROOT,
+        env=_env(tmp_path, 2, 2),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert first.returncode == 0, first.stderr + _log(tmp_path)[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    r = subprocess.run(
+        ["sbatch", "--parsable", *CPU_NODE, "cluster/train_70b.slurm"],
+        cwd=ROOT,
+        env=_env(tmp_path, 4, 2),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    out = tmp_path / f"job-{job}.out"
+    # once every rank has joined the process group its handler is installed; the model is built next
+    deadline = time.time() + 300
+    while not (out.is_file() and "ranks joined; building the model" in out.read_text()):
+        assert time.time() < deadline, _log(tmp_path)[-3000:]
+        assert slurm_cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), _log(tmp_path)[-3000:]
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=60)
+    state = slurm_cluster.wait_job(job, timeout=600)
+    log = out.read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "[slurm] USR1: asking the trainer to checkpoint" in log
+    start_up = [ln for ln in log.splitlines() if "stop signal received during start-up" in ln]
+    assert len(start_up) == 1 and "step_00000002 stays latest" in start_up[0], log[-3000:]
+    assert "saving at step" not in log  # nothing was saved by the interrupted start
+    assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in log
+    assert _steps(run) == [1, 2, 3, 4]  # steps 1-2 from the first job, 3-4 after the requeue
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert f"job {job} restart 1" in (run / "slurm_jobs.log").read_text()
