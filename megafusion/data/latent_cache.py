@@ -21,7 +21,6 @@ import json
 import os
 import tarfile
 import time
-import uuid
 import warnings
 import zlib
 from collections import Counter
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megafusion.durable import publish, write_text
+from megafusion.durable import publish, temp_sibling, write_text
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 MAX_MEMBER_BYTES = 256 * 2**20
@@ -210,7 +209,7 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions, crash_af
     t0 = time.time()
     counts: Counter = Counter()
     out_path = Path(out_path)
-    tmp = out_path.with_name(f"{out_path.name}.{uuid.uuid4().hex[:8]}.tmp")  # unique per attempt
+    tmp = temp_sibling(out_path)  # unique per attempt
     batch: list[tuple[str, torch.Tensor, str, dict]] = []
     writer = wds.TarWriter(str(tmp))
 

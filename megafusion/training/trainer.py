@@ -73,14 +73,6 @@ class Trainer:
         if self.rank0:
             self._log(msg)
 
-    def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (SLURM preemption): finish the step, save, exit cleanly.
-
-        ``launcher.train`` installs its :class:`StopSignal` before building the trainer instead, so a
-        signal during start-up is caught too.
-        """
-        self.stop.install()
-
     def _stop_requested(self) -> bool:
         """Did any rank receive a stop signal? (collective: every rank stops at the same step)"""
         flag = torch.tensor([1.0 if self.stop.received else 0.0], device=self.device)
