@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "webdataset==1.0.2",
     "ray[default]==2.60.0",
     "safetensors==0.8.0",
+    "xxhash==4.1.0",  # checkpoint checksums (XXH3-128)
     "pyyaml>=6.0",
     "psutil>=5.9",
     "numpy>=1.26",

@@ -36,6 +36,8 @@ export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker0}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"   # srun (22.05+) no longer inherits --cpus-per-task
 export PYTHONUNBUFFERED=1
+# the trainer compares it with its measured save time (training/checkpointing.py)
+export MEGAFUSION_PREEMPT_LEAD_S="${MEGAFUSION_PREEMPT_LEAD_S:-${PREEMPT_LEAD_S:-600}}"
 
 {
   echo "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST} ($(date -u +%FT%TZ))"

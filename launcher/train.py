@@ -36,6 +36,37 @@ def _rank() -> int:
     return 0
 
 
+def check_base_llama(cfg) -> None:
+    """The config's model dims against ``checkpoint.hf_llama`` and ``checkpoint.load``, before any process group.
+
+    A mismatch would otherwise show up on every rank as a shape error deep in the model build or
+    the checkpoint load; here it is one line naming both values.
+    """
+    from megafusion.checkpoint.files import CheckpointError, latest_checkpoint, read_checkpoint_files
+    from megafusion.checkpoint.shapes import differing_dims, dim_conflicts
+    from megafusion.config import ConfigError
+
+    if cfg.checkpoint.hf_llama:
+        bad = dim_conflicts(cfg.model, cfg.checkpoint.hf_llama)
+        if bad:
+            raise ConfigError(
+                "; ".join(bad) + " (use the config.yaml tools/convert_hf_llama.py wrote, or set these model.* keys)"
+            )
+    if cfg.checkpoint.load:
+        path = latest_checkpoint(cfg.checkpoint.load) or Path(cfg.checkpoint.load)
+        if (path / "config.yaml").is_file():
+            try:
+                _, _, saved = read_checkpoint_files(path)
+            except CheckpointError as exc:
+                raise ConfigError(f"checkpoint.load={cfg.checkpoint.load}: {exc}") from None
+            bad = [
+                f"model.{k}={a} in the config, {b} in {path / 'config.yaml'}"
+                for k, a, b in differing_dims(cfg.model, saved.model)
+            ]
+            if bad:
+                raise ConfigError(f"checkpoint.load={cfg.checkpoint.load} is of another model: " + "; ".join(bad))
+
+
 def main(argv: list[str] | None = None) -> int:
     # First of all: a preemption signal during start-up must not kill the run (training/preemption.py).
     from megafusion.training.preemption import StopSignal
@@ -58,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     world = _world_size()
     try:
         cfg = validate_config(load_config(args.config, args.overrides), world_size=world)
-    except ConfigError as exc:
+        check_base_llama(cfg)
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check:

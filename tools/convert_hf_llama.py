@@ -6,6 +6,12 @@
     python -m launcher.train --config llama3-8b-fusion checkpoint.hf_llama=/models/Meta-Llama-3.1-8B \\
         checkpoint.load=ckpt/8b_tp8
 
+The model dims (hidden size, layers, heads, vocab, RoPE, tied embeddings) always come from
+--hf-dir's config.json: --config supplies the image side, seed and the rest, and its preset dims
+are replaced (the tool says which). A model dim given as an override must agree with the HF
+model, or the tool stops naming both values. The written config.yaml describes the weights and
+the layout: pass it back as ``launcher.train --config OUT/config.yaml``.
+
 The image tower starts as copies of the Llama weights, the U-Nets from the config's seed; the
 frozen text tower stays in --hf-dir (recorded by fingerprint). Streams one output shard at a time.
 """
@@ -36,7 +42,10 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        out = convert_hf_llama(args.hf_dir, args.out, cfg, args.tp, args.pp, args.vpp)
+        explicit = [o.split("=", 1)[0].strip() for o in args.overrides]  # model dims set here must match the HF model
+        out = convert_hf_llama(
+            args.hf_dir, args.out, cfg, args.tp, args.pp, args.vpp, explicit=explicit, log=lambda s: print(s)
+        )
     except (ConfigError, HFCheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

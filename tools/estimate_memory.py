@@ -36,11 +36,26 @@ def main(argv=None) -> int:
     ap.add_argument("--step-time", type=float, default=None, help="seconds per optimizer step, for MFU")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--layouts", action="store_true", help="also list the layouts that fit --gpu-gb")
+    ap.add_argument(
+        "--write-gbps",
+        type=float,
+        default=20.0,
+        help="aggregate write bandwidth of the checkpoint filesystem in GB/s, for the save time",
+    )
     args = ap.parse_args(argv)
 
     from megafusion.config import ConfigError, load_config
     from megafusion.parallel.layout import layout_of, with_layout
-    from megafusion.planning.memory import GIB, candidate_layouts, fits, human, mfu, stage_memory, step_flops
+    from megafusion.planning.memory import (
+        GIB,
+        candidate_layouts,
+        checkpoint_bytes,
+        fits,
+        human,
+        mfu,
+        stage_memory,
+        step_flops,
+    )
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -84,6 +99,13 @@ def main(argv=None) -> int:
             if args.step_time
             else ""
         )
+    )
+    ck_total, ck_rank = checkpoint_bytes(cfg, lay, nbytes)
+    save_s = ck_total / (args.write_gbps * 1e9)
+    print(
+        f"checkpoint per save {human(ck_total)} (busiest rank writes {human(ck_rank)}); at {args.write_gbps:g} GB/s "
+        f"aggregate it takes ~{save_s:.0f} s to write (in the background: the loop waits only for the host copy); "
+        f"a preemption save needs a signal lead time (--signal=B:USR1@N) of at least 2 x {save_s:.0f} s plus one step"
     )
     if args.layouts:
         print(f"\nlayouts on {gpus} GPUs that fit {args.gpu_gb:g} GiB (90% usable):")

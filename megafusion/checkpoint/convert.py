@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Collection
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,18 +27,52 @@ from safetensors.torch import save_file
 from megafusion.checkpoint.files import INDEX, file_digest, frozen_source_fingerprint
 from megafusion.checkpoint.gather import REPLICA
 from megafusion.checkpoint.hf_import import (
+    HFCheckpointError,
     SafetensorsDir,
     layer_shards,
     model_config_from_hf,
     read_hf_config,
     special_rows,
 )
+from megafusion.checkpoint.shapes import MODEL_DIMS, dim_conflicts, with_hf_dims
 from megafusion.config.loader import dump_config
 from megafusion.config.schema import Config
 from megafusion.config.validate import split_problems
 from megafusion.durable import publish
 from megafusion.model.image_io import build_image_io
 from megafusion.parallel.layout import Layout, layer_ids_for_chunk
+
+
+def converted_config(
+    cfg: Config, hf_dir: str | Path, explicit: Collection[str] = (), log: Callable[[str], None] | None = None
+) -> Config:
+    """The config a conversion of ``hf_dir`` writes: the HF model's dims, the rest from ``cfg``.
+
+    ``explicit`` are the config keys the user set on purpose (``model.hidden_size`` from a
+    ``key=value`` override): a model dim among them that contradicts the HF model is an error
+    naming both values, while a preset's dims are replaced (and ``log`` says which). <BOI>/<EOI>
+    keep explicit ids; otherwise they default from the HF vocabulary (Llama-3's reserved tokens,
+    else the last two ids), since a preset's ids belong to the preset's vocabulary.
+    """
+    hf_dir = Path(hf_dir)
+    stated = [d for d in MODEL_DIMS if any(k == f"model.{d}" or k.startswith(f"model.{d}.") for k in explicit)]
+    bad = dim_conflicts(cfg.model, hf_dir, stated, source="the overrides")
+    if bad:
+        raise HFCheckpointError("; ".join(bad))
+    m, changed = with_hf_dims(cfg.model, hf_dir)
+    defaults = model_config_from_hf(read_hf_config(hf_dir))
+    specials = {
+        k: getattr(cfg.model if f"model.{k}" in explicit else defaults, k) for k in ("boi_token_id", "eoi_token_id")
+    }
+    for k, v in specials.items():
+        if not 0 <= v < m.vocab_size:
+            raise HFCheckpointError(f"model.{k}={v} is outside {hf_dir}'s vocabulary of {m.vocab_size} tokens")
+    if specials["boi_token_id"] == specials["eoi_token_id"]:
+        raise HFCheckpointError(f"model.boi_token_id and model.eoi_token_id are both {specials['boi_token_id']}")
+    m = replace(m, **specials)
+    if changed and log is not None:
+        log(f"[convert] model dims from {hf_dir / 'config.json'} (not {cfg.name!r}): " + ", ".join(changed))
+    return replace(cfg, model=m)
 
 
 def convert_hf_llama(
@@ -47,8 +83,16 @@ def convert_hf_llama(
     pp: int,
     vpp: int | None = None,
     progress: bool = True,
+    explicit: Collection[str] = (),
+    log: Callable[[str], None] | None = None,
 ) -> Path:
-    """Write ``out_dir`` (atomically) and return it. ``cfg`` supplies the image side and seed."""
+    """Write ``out_dir`` (atomically) and return it.
+
+    ``cfg`` supplies the image side, seed and the rest; the model dims come from ``hf_dir``
+    (see :func:`converted_config`, which also explains ``explicit``). The written
+    ``config.yaml`` describes the weights and the layout, so it can be passed back as
+    ``launcher.train --config``.
+    """
     from tqdm import tqdm
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
@@ -57,7 +101,8 @@ def convert_hf_llama(
             f"model.architecture={cfg.model.architecture!r}: conversion writes the image tower of the "
             "recipe; start the baseline from the HF Llama itself (checkpoint.hf_llama, no checkpoint.load)"
         )
-    m = model_config_from_hf(read_hf_config(hf_dir), image=cfg.model.image)
+    cfg = converted_config(cfg, hf_dir, explicit, log)
+    m = cfg.model
     vpp = vpp or 1
     problems = split_problems(m, tp, pp, vpp)
     if problems:
@@ -116,6 +161,9 @@ def convert_hf_llama(
         "seconds": round(time.time() - t0, 2),
     }
     (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
-    dump_config(cfg, tmp / "config.yaml")
+    par = replace(
+        cfg.parallel, tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline_stages=vpp if vpp > 1 else None
+    )
+    dump_config(replace(cfg, parallel=par), tmp / "config.yaml")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return publish(tmp, out)

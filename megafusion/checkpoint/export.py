@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from megafusion.checkpoint.build import M, build_llamafusion
 from megafusion.checkpoint.files import CheckpointError, frozen_source_fingerprint, read_checkpoint_files, verify_file
 from megafusion.checkpoint.gather import canonical_name, shard, unshard
+from megafusion.checkpoint.shapes import dim_conflicts, index_shape_problems
 from megafusion.config.loader import config_from_dict
 from megafusion.config.schema import Config
 from megafusion.durable import publish
@@ -37,12 +38,18 @@ def open_checkpoint(ckpt_dir: str | Path) -> tuple[Config, dict, dict, Path]:
     """(config, meta.json, index.json, base Llama dir) of a training checkpoint, the base Llama checked."""
     ckpt = Path(ckpt_dir)
     meta, index, cfg = read_checkpoint_files(ckpt)
+    bad = index_shape_problems(cfg.model, index, int(meta["layout"]["tp"]))
+    if bad:
+        raise CheckpointError(f"{ckpt}: its config.yaml does not describe its weights: " + "; ".join(bad))
     src = meta.get("frozen_source", {})
     hf_dir = Path(src.get("path", ""))
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{ckpt}: the base Llama {hf_dir} it was trained from is not available")
     if frozen_source_fingerprint(hf_dir)["files"] != src.get("files"):
         raise CheckpointError(f"{hf_dir} differs from the base Llama recorded in {ckpt / 'meta.json'}")
+    bad = dim_conflicts(cfg.model, hf_dir, source=str(ckpt / "config.yaml"))
+    if bad:
+        raise CheckpointError("; ".join(bad))
     return cfg, meta, index, hf_dir
 
 

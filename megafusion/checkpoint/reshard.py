@@ -44,6 +44,7 @@ import torch
 
 from megafusion.checkpoint.files import INDEX, CheckpointError, file_digest, read_checkpoint_files, verify_file
 from megafusion.checkpoint.gather import REPLICA, canonical_name, shard, shard_kind, unshard
+from megafusion.checkpoint.shapes import index_shape_problems
 from megafusion.checkpoint.tensor_file import DTYPES, TensorFile, merge_runs, write_tensor_file
 from megafusion.checkpoint.training_state import ADAM_STATES
 from megafusion.config.loader import dump_config
@@ -313,6 +314,9 @@ def reshard_checkpoint(
     try:
         if m.architecture != "llamafusion":  # its vocab-parallel text tensors train: their padding is per layout
             raise CheckpointError(f"{src_dir}: resharding a {m.architecture} checkpoint is not supported")
+        bad = index_shape_problems(m, src.index, src.layout.tp)
+        if bad:
+            raise CheckpointError(f"{src_dir}: its config.yaml does not describe its weights: " + "; ".join(bad))
         _check_layout(cfg, new, dp, src_dir)
         unknown = [c for c in src.model if c not in src.optim] if not src.weights_only else []
         if unknown and src.step is not None:

@@ -3,7 +3,7 @@
 Layout of one checkpoint ``<save>/step_00000100/``::
 
     meta.json                        step, data position, layout, counters (JSON)
-    index.json                       every shard's size and sha256, and its tensors' shapes/dtypes
+    index.json                       every shard's size and checksum (XXH3-128), and its tensors' shapes/dtypes
     config.yaml                      the resolved config
     model/tp{t}_pp{p}.safetensors    trainable parameters of that TP/PP shard (written by DP rank 0)
     optim/tp{t}_pp{p}_dp{d}.safetensors   this rank's ZeRO partition: fp32 master + Adam moments
@@ -18,8 +18,12 @@ rank 0 renames the folder once every rank has finished and only then rewrites
 the ``latest`` pointer (via a temporary file and ``os.replace``), so a crash at
 any point leaves ``latest`` on the previous complete checkpoint.
 
-Loading verifies each file a rank reads against index.json (size, sha256): a
-truncated or corrupted shard is an error naming the file. What the format
+Saving is split so that training need not wait: ``take_snapshot`` copies this rank's part to host
+memory (the only part the loop waits for), ``write_snapshot`` writes it, hashing each file as it
+is written, and publishes (``training/checkpointing.py`` runs it in a background thread).
+
+Loading verifies each file a rank reads against index.json (size, checksum), a file that several
+DP ranks read by one of them only: a truncated or corrupted shard is an error naming the file. What the format
 trusts: safetensors files hold raw tensors only and JSON/YAML hold plain data;
 loading never unpickles anything.
 """
@@ -27,30 +31,33 @@ loading never unpickles anything.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from megafusion.checkpoint.files import (
     INDEX,
     LATEST,
     CheckpointError,
-    file_digest,
-    verify_file,
+    verify_files,
     write_json,
 )
+from megafusion.checkpoint.shard_writer import write_bytes, write_shard
 from megafusion.checkpoint.tensor_file import TensorFile
 from megafusion.config.loader import dump_config
 from megafusion.config.schema import Config
-from megafusion.durable import fsync_path, publish, write_text
+from megafusion.durable import publish, write_text
 
 ADAM_STATES = ("master", "exp_avg", "exp_avg_sq")  # what a ZeRO partition holds per parameter
+_FAILED = "__write_failed__"
 
 
 def _layout() -> dict[str, int]:
@@ -100,6 +107,127 @@ def flat_group_order(optimizer, i: int) -> list[torch.nn.Parameter]:
     return list(getattr(optimizer, "round_robin_bit16_groups", optimizer.bit16_groups)[i])
 
 
+@dataclass
+class Snapshot:
+    """One rank's part of a checkpoint, copied to host memory: what the writer needs, nothing live.
+
+    Taking it is the only part of a save the training loop waits for (device-to-host copies of
+    the trainable weights and this rank's ZeRO partition); the optimizer may step as soon as it
+    exists, since every tensor here is a copy.
+    """
+
+    step: int
+    name: str
+    files: dict[str, dict[str, torch.Tensor] | bytes]  # rel path -> tensors (safetensors) or bytes (JSON)
+    meta: dict[str, Any]  # meta.json (rank 0 writes it)
+    cfg: Config
+    nbytes: int
+    seconds: float  # how long taking the snapshot blocked the loop
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory that later in-place updates cannot touch (pinned + async on CUDA)."""
+    t = t.detach()
+    if t.device.type == "cpu":
+        return t.clone().contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t, non_blocking=True)
+    return out
+
+
+def take_snapshot(
+    step: int, model: torch.nn.Module, optimizer, cfg: Config, extra: dict[str, Any], extra_files=None
+) -> Snapshot:
+    """This rank's files of checkpoint ``step`` as host copies; collective-free.
+
+    ``extra_files`` (rel path -> bytes) are written beside the shards by this rank (e.g. its
+    data loader position).
+    """
+    t0 = time.perf_counter()
+    rank = dist.get_rank()
+    tp, pp, dp = _ranks()
+    files: dict[str, dict[str, torch.Tensor] | bytes] = {}
+    if dp == 0:
+        files[f"model/tp{tp}_pp{pp}.safetensors"] = {
+            n: _host_copy(p) for n, p in model.named_parameters() if p.requires_grad
+        }
+    tensors, ometa = _optimizer_tensors(optimizer, model)
+    stem = f"optim/tp{tp}_pp{pp}_dp{dp}"
+    files[stem + ".safetensors"] = {k: _host_copy(v) for k, v in tensors.items()}
+    files[stem + ".json"] = json.dumps(ometa, indent=1, sort_keys=True).encode()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    files[f"rng/rank{rank}.safetensors"] = rng
+    files.update(extra_files or {})
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the pinned copies are complete before the writer reads them
+    nbytes = sum(
+        sum(t.numel() * t.element_size() for t in f.values()) if isinstance(f, dict) else len(f) for f in files.values()
+    )
+    meta = {"step": step, "layout": _layout(), "time": time.time(), "world_size": dist.get_world_size(), **extra}
+    return Snapshot(step, f"step_{step:08d}", files, meta, cfg, nbytes, time.perf_counter() - t0)
+
+
+def write_snapshot(snap: Snapshot, save_dir: str | Path, keep: int = 2, group=None) -> tuple[Path, float]:
+    """Collective over ``group``: write this rank's files, then rank 0 publishes the folder and moves ``latest``.
+
+    Each file is hashed as it is written and fsynced (no re-read). Rank 0 renames
+    ``step_X.tmp`` -> ``step_X`` only after every rank's entries have arrived, i.e. every
+    file of the checkpoint is complete and on disk; only then does ``latest`` move and an old
+    checkpoint go. A process killed anywhere in here leaves the previous ``latest`` intact.
+    Returns (final folder, seconds this rank spent writing).
+    """
+    t0 = time.perf_counter()
+    save_dir = Path(save_dir)
+    tmp, final = save_dir / (snap.name + ".tmp"), save_dir / snap.name
+    entries: dict[str, Any] = {}
+    try:
+        for i, (rel, content) in enumerate(snap.files.items()):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, dict):
+                entries[rel] = write_shard(tmp / rel, content)
+            else:
+                entries[rel] = write_bytes(tmp / rel, content)
+            if i == 0:
+                _fault_stall(snap.step)
+    except OSError as exc:  # told to every rank below, so none waits for this one's files
+        entries = {_FAILED: f"rank {dist.get_rank()}: {exc}"}
+    seconds = time.perf_counter() - t0
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, entries, group=group)
+    failed = [part[_FAILED] for part in gathered if _FAILED in part]
+    if failed:
+        raise CheckpointError(f"save of {final} failed, `latest` unchanged: " + "; ".join(failed))
+    if dist.get_rank() == 0:
+        index = {k: v for part in gathered for k, v in part.items()}
+        write_json(tmp / INDEX, index)
+        dump_config(snap.cfg, tmp / "config.yaml")
+        write_json(tmp / "meta.json", snap.meta)
+        publish(tmp, final)  # fsyncs the folder's files (cheap for the shards already flushed above), renames
+        write_text(save_dir / LATEST, snap.name + "\n")
+        done = sorted(p for p in save_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[:-keep] if keep > 0 else []:
+            if old != final:  # never the folder `latest` now points to
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier(group=group)
+    return final, seconds
+
+
+def _fault_stall(step: int) -> None:
+    """Fault injection for tests: ``MEGAFUSION_FAULT_SAVE_STALL=STEP:SECONDS`` stalls the writer of checkpoint
+    STEP after its first file, so a test can kill a process while a save is half written."""
+    spec = os.environ.get("MEGAFUSION_FAULT_SAVE_STALL", "")
+    if spec and int(spec.split(":")[0]) == step:
+        time.sleep(float(spec.split(":")[1]))
+
+
+def remove_stale_saves(save_dir: str | Path) -> None:
+    """Rank 0: delete ``step_*.tmp`` folders of saves that died (none may be in flight when called)."""
+    for stale in Path(save_dir).glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def save_checkpoint(
     save_dir: str | Path,
     step: int,
@@ -109,54 +237,34 @@ def save_checkpoint(
     extra: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Collective: every rank writes its shards; returns the final folder."""
-    save_dir = Path(save_dir)
-    name = f"step_{step:08d}"
-    final, tmp = save_dir / name, save_dir / (name + ".tmp")
-    rank = dist.get_rank()
-    tp, pp, dp = _ranks()
-    if rank == 0:
-        for stale in save_dir.glob("step_*.tmp"):  # leftovers of saves that died
-            shutil.rmtree(stale, ignore_errors=True)
-        for sub in ("model", "optim", "rng"):
-            (tmp / sub).mkdir(parents=True, exist_ok=True)
+    """Collective and synchronous: every rank writes its shards; returns the final folder."""
+    if dist.get_rank() == 0:
+        remove_stale_saves(save_dir)
     dist.barrier()
-    written: list[str] = []
-    if dp == 0:
-        trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(tmp / "model" / f"tp{tp}_pp{pp}.safetensors"))
-        written.append(f"model/tp{tp}_pp{pp}.safetensors")
-    tensors, ometa = _optimizer_tensors(optimizer, model)
-    stem = f"optim/tp{tp}_pp{pp}_dp{dp}"
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / (stem + ".safetensors")))
-    write_json(tmp / (stem + ".json"), ometa)
-    written += [stem + ".safetensors", stem + ".json"]
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / "rng" / f"rank{rank}.safetensors"))
-    written.append(f"rng/rank{rank}.safetensors")
-    for rel in written:
-        fsync_path(tmp / rel)
-    digests = {rel: file_digest(tmp / rel) for rel in written}  # each rank hashes its own files
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, digests)
-    if rank == 0:
-        index = {k: v for part in gathered for k, v in part.items()}
-        write_json(tmp / INDEX, index)
-        dump_config(cfg, tmp / "config.yaml")
-        write_json(
-            tmp / "meta.json",
-            {"step": step, "layout": _layout(), "time": time.time(), "world_size": dist.get_world_size(), **extra},
-        )
-        publish(tmp, final)  # fsyncs the folder's files (cheap for the shards already flushed above), renames
-        write_text(save_dir / LATEST, name + "\n")
-        done = sorted(p for p in save_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[:-keep] if keep > 0 else []:
-            if old != final:  # never the folder `latest` now points to
-                shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+    snap = take_snapshot(step, model, optimizer, cfg, extra)
+    return write_snapshot(snap, save_dir, keep)[0]
+
+
+def verify_shared(path: Path, needed: list[str], index: dict[str, Any], shared: list[str]) -> None:
+    """Collective: verify the files this rank reads, each shared file by one rank of those that read it.
+
+    Every DP rank of a (TP, PP) position reads the same model shard (and, for a universal
+    checkpoint, the same optimizer file); one of them checks it (the i-th shared file by DP rank
+    i mod DP) instead of all of them hashing all of it. The outcome is exchanged, so every rank
+    raises the same error, naming the file, instead of some ranks hanging in the next collective.
+    """
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = [rel for rel in needed if rel not in shared] + [rel for i, rel in enumerate(shared) if i % dp == dp_rank]
+    error = None
+    try:
+        verify_files(path, mine, index)
+    except CheckpointError as exc:
+        error = str(exc)
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    bad = [e for e in errors if e]
+    if bad:
+        raise CheckpointError(bad[0] + (f" (and {len(bad) - 1} more on other ranks)" if len(bad) > 1 else ""))
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
@@ -184,8 +292,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict
         needed += [stem + ".safetensors", stem + ".json"]
     if not weights_only and meta.get("rng", True):
         needed.append(f"rng/rank{dist.get_rank()}.safetensors")
-    for rel in needed:
-        verify_file(path, rel, index)
+    verify_shared(path, needed, index, shared=[needed[0]] + ([stem + ".safetensors"] if universal else []))
     model_file = path / "model" / f"tp{tp}_pp{pp}.safetensors"
     saved = load_file(str(model_file))
     params = dict(model.named_parameters())

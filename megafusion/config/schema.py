@@ -224,6 +224,9 @@ class CheckpointConfig:
     """Save every N steps (and always at the end and on SIGTERM/SIGUSR1)."""
     keep: int = 2
     """Completed checkpoints kept (older ones are deleted after a newer one is complete)."""
+    async_save: bool = True
+    """Write checkpoints in a background thread: the loop waits only for a host copy of the trainable
+    weights and optimizer state; ``latest`` moves when every rank's files are complete."""
 
 
 @dataclass

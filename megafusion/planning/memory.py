@@ -247,3 +247,17 @@ def mfu(cfg: Config, step_seconds: float, gpus: int, peak_tflops: float, image_f
 
 def human(b: float) -> str:
     return f"{b / GIB:.2f} GiB" if b >= GIB / 10 else f"{b / 2**20:.1f} MiB"
+
+
+def checkpoint_bytes(cfg: Config, lay: Layout, dtype_bytes: int = 2) -> tuple[float, float]:
+    """(bytes of one training checkpoint over all ranks, bytes the busiest rank writes).
+
+    A checkpoint holds the trainable weights once per (TP, PP) shard (written by DP rank 0, in the
+    parameter dtype, the last stage's tied U-Net replica included) and every rank's ZeRO partition
+    (fp32 master + two Adam moments); the frozen text tower is not in it.
+    """
+    stages = stage_memory(cfg, lay, dtype_bytes)
+    count = {"only": 1, "first": 1, "last": 1, "middle": max(0, lay.pp - 2)}
+    total = sum(count[sm.stage] * lay.tp * (sm.trainable_weights + sm.optimizer * lay.dp) for sm in stages)
+    busiest = max(sm.trainable_weights + sm.optimizer for sm in stages)
+    return total, busiest

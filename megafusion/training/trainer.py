@@ -22,11 +22,12 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megafusion.checkpoint.files import frozen_source_fingerprint, latest_checkpoint
-from megafusion.checkpoint.training_state import load_checkpoint, save_checkpoint
+from megafusion.checkpoint.training_state import load_checkpoint
 from megafusion.config.schema import Config
 from megafusion.data.stream import LoaderStream, SyntheticStream, TrainItem
 from megafusion.parallel.grads import allreduce_sequence_parallel_grads
 from megafusion.parallel.process_groups import ParallelContext
+from megafusion.training.checkpointing import CheckpointSaver
 from megafusion.training.engine import build_engine, optimizer_state_bytes
 from megafusion.training.flops import image_io_flops_per_image, transformer_flops_per_step
 from megafusion.training.lr_schedule import learning_rate
@@ -64,6 +65,7 @@ class Trainer:
         self.save_dir = Path(cfg.checkpoint.save) if cfg.checkpoint.save else run_dir / "checkpoints"
         self.tb = ScalarLogger(str(run_dir / "tb") if (self.rank0 and cfg.logging.tensorboard) else None)
         self.stop = stop if stop is not None else StopSignal()
+        self.saver = CheckpointSaver(self.save_dir, cfg, self.log, async_save=cfg.checkpoint.async_save)
         self._peak = peak_flops(cfg)
         self._img_flops = image_io_flops_per_image(cfg)
         self.history: list[StepStats] = []
@@ -94,13 +96,12 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
-        path = save_checkpoint(
-            self.save_dir,
+    def save(self, wait: bool = False) -> None:
+        """Start a checkpoint of this step (the previous one is waited for); ``wait`` until it is published."""
+        self.saver.save(
             self.step,
             self.engine.module,
             self.optimizer,
-            self.cfg,
             {
                 "data_position": {
                     "step": self.step,
@@ -113,10 +114,9 @@ class Trainer:
                 "skipped_steps": self.skipped,
                 "frozen_source": frozen_source_fingerprint(self.hf_dir),
             },
-            keep=self.cfg.checkpoint.keep,
         )
-        self.log(f"[train] saved checkpoint {path}")
-        return path
+        if wait:
+            self.saver.wait()
 
     def maybe_resume(self) -> bool:
         path = latest_checkpoint(self.save_dir)
@@ -267,22 +267,25 @@ class Trainer:
             )
             self.tb.close()
             return self.history
-        while self.step < total:
-            stats = self.train_step()
-            self.history.append(stats)
-            done = self.step - start_step
-            eta = (time.time() - t_start) / done * (total - self.step)
-            if self.rank0:
-                with open(Path(cfg.logging.run_dir) / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(dataclasses.asdict(stats)) + "\n")
-                if self.step % cfg.logging.log_interval == 0 or self.step == total:
-                    self._log(stats.line(total, eta))
-                    self.tb.log(stats)
-            if self._stop_requested():
-                self.log(f"[train] stop signal received: saving at step {self.step} and exiting")
-                self.save()
-                break
-            if self.step % interval == 0 or self.step == total:
-                self.save()
+        try:
+            while self.step < total:
+                stats = self.train_step()
+                self.history.append(stats)
+                done = self.step - start_step
+                eta = (time.time() - t_start) / done * (total - self.step)
+                if self.rank0:
+                    with open(Path(cfg.logging.run_dir) / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(dataclasses.asdict(stats)) + "\n")
+                    if self.step % cfg.logging.log_interval == 0 or self.step == total:
+                        self._log(stats.line(total, eta))
+                        self.tb.log(stats)
+                if self._stop_requested():
+                    self.log(f"[train] stop signal received: saving at step {self.step} and exiting")
+                    self.save(wait=True)  # after the save in flight, if any
+                    break
+                if self.step % interval == 0 or self.step == total:
+                    self.save()
+        finally:
+            self.saver.wait()  # the run ends when its last checkpoint is published (also on an error)
         self.tb.close()
         return self.history

@@ -25,3 +25,15 @@ def test_slurm_scripts_are_valid_bash_with_the_documented_directives():
         assert f"--nodes={nodes}" in directives and "--requeue" in directives
         assert "--signal=B:USR1@600" in directives and "--gres=gpu:8" in directives
     assert subprocess.run(["bash", "-n", str(ROOT / "cluster" / "train_common.sh")]).returncode == 0
+
+
+def test_preemption_lead_matches_the_signal_directive():
+    """The lead time the trainer compares its saves with is the one SLURM will give."""
+    import re
+
+    for name in ("train_70b.slurm", "train_8b.slurm"):
+        text = (ROOT / "cluster" / name).read_text()
+        signal_lead = re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", text, re.M).group(1)
+        assert re.search(rf"^PREEMPT_LEAD_S={signal_lead}\b", text, re.M), name
+    common = (ROOT / "cluster" / "train_common.sh").read_text()
+    assert 'export MEGAFUSION_PREEMPT_LEAD_S="${MEGAFUSION_PREEMPT_LEAD_S:-${PREEMPT_LEAD_S:-600}}"' in common
