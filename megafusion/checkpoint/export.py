@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from megafusion.checkpoint.build import M, build_llamafusion
 from megafusion.checkpoint.files import CheckpointError, frozen_source_fingerprint, read_checkpoint_files, verify_file
-from megafusion.checkpoint.gather import canonical_name, shard, unshard
+from megafusion.checkpoint.gather import canonical_name, shard, shard_kind, unshard
 from megafusion.checkpoint.shapes import dim_conflicts, index_shape_problems
+from megafusion.checkpoint.source import CheckpointSource
+from megafusion.checkpoint.tensor_file import TensorFile, write_tensor_file
 from megafusion.config.loader import config_from_dict
 from megafusion.config.schema import Config
 from megafusion.durable import publish
@@ -57,6 +60,7 @@ def read_checkpoint_image_side(ckpt_dir: str | Path) -> tuple[dict[str, torch.Te
     """A training checkpoint's image side as full tensors, with its config, meta.json and base Llama dir.
 
     Every model shard is verified against index.json; the base Llama must be the one recorded.
+    All of it in memory: for tests and small models; the export and inference loading stream instead.
     """
     ckpt = Path(ckpt_dir)
     cfg, meta, index, hf_dir = open_checkpoint(ckpt)
@@ -73,22 +77,42 @@ def read_checkpoint_image_side(ckpt_dir: str | Path) -> tuple[dict[str, torch.Te
 
 
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> Path:
+    """Write ``out_dir`` (atomically): the base Llama's files plus the image side in full form.
+
+    Streamed: each full image-side tensor is planned as byte runs of the checkpoint's shards
+    (``CheckpointSource.runs`` at TP=1) and copied file to file, so memory stays at tens of MB
+    whatever the model size and layout; every input shard is checksummed while the copy runs.
+    """
     ckpt, out = Path(ckpt_dir), Path(out_dir)
-    full, cfg, meta, hf_dir = read_checkpoint_image_side(ckpt)
+    cfg, meta, _, hf_dir = open_checkpoint(ckpt)
     if cfg.model.architecture != "llamafusion":
         raise CheckpointError(
             f"{ckpt}: a {cfg.model.architecture} checkpoint trains its text tower, which the export "
             "(the base Llama's files, copied) cannot hold; sample and evaluate the checkpoint itself"
         )
-
+    src = CheckpointSource(ckpt, verify=True, with_optimizer=False)
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for f in sorted(hf_dir.iterdir()):
-        if f.name in _HF_FILES or f.name.startswith("model-") or f.name.startswith("tokenizer"):
-            shutil.copy2(f, tmp / f.name)
-    save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / IMAGE_FILE))
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for f in sorted(hf_dir.iterdir()):
+            if f.name in _HF_FILES or f.name.startswith("model-") or f.name.startswith("tokenizer"):
+                shutil.copy2(f, tmp / f.name)
+        names = sorted(src.model)
+        entries = [
+            (c, src.dtype(c), src.local_shape(c, 1, 0), lambda c=c: src.runs(c, 1, 0)) for c in names
+        ]  # the full tensor = its one shard at TP=1
+        write_tensor_file(tmp / IMAGE_FILE, entries, src.sources)
+        src.wait_verified()
+    except BaseException:
+        try:
+            src.wait_verified()  # a corrupted input explains a failure best
+        finally:
+            src.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    src.close()
     (tmp / CONFIG_FILE).write_text(
         json.dumps(
             {
@@ -101,8 +125,56 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
         )
     )
     publish(tmp, out)
-    log(f"[export] {len(full)} image-side tensors + text tower from {hf_dir} -> {out}")
+    log(f"[export] {len(names)} image-side tensors + text tower from {hf_dir} -> {out}")
     return out
+
+
+def _rows(f: TensorFile, name: str, a: int, b: int) -> torch.Tensor:
+    """Rows [a, b) of a 2-D (or 1-D) tensor of ``f``: one contiguous read."""
+    shape = f.shape(name)
+    cols = math.prod(shape[1:])
+    return f.read_flat(name, a * cols, b * cols).view(b - a, *shape[1:])
+
+
+def read_local_of_full(f: TensorFile, name: str, cfg, tp: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s TP shard of the full tensor ``name`` in ``f``, reading only what it needs.
+
+    The same cut as ``gather.shard`` (tested equal), done with reads instead of on a full copy: a
+    row-parallel shard reads the rows in chunks of ~64 MB and keeps its columns.
+    """
+    kind = shard_kind(name)
+    shape = f.shape(name)
+    if kind == "replicated" or (tp == 1 and kind != "vocab"):
+        return f.read_flat(name, 0, f.numel(name)).view(shape)
+    if kind in ("qkv", "gate_up"):
+        d = cfg.head_dim
+        blocks = (
+            [cfg.num_attention_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d]
+            if kind == "qkv"
+            else [shape[0] // 2, shape[0] // 2]
+        )
+        parts, start = [], 0
+        for n in blocks:  # each block (q, k, v / gate, up) is cut into tp row blocks
+            step = n // tp
+            parts.append(_rows(f, name, start + rank * step, start + (rank + 1) * step))
+            start += n
+        return torch.cat(parts, 0)
+    if kind == "row":
+        rows, cols = shape
+        step = cols // tp
+        chunk = max(1, (64 << 20) // max(1, cols * f.read_flat(name, 0, 0).element_size()))  # rows per read
+        out = [
+            _rows(f, name, a, min(rows, a + chunk))[:, rank * step : (rank + 1) * step].clone()
+            for a in range(0, rows, chunk)
+        ]
+        return torch.cat(out, 0)
+    # vocab (the baseline's trained embedding / head): this rank's rows of the padded vocabulary
+    from megafusion.parallel.megatron_config import padded_vocab_size
+
+    per = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp) // tp
+    a, b = rank * per, min((rank + 1) * per, shape[0])
+    real = _rows(f, name, a, b) if a < b else f.read_flat(name, 0, 0).view(0, *shape[1:])
+    return torch.cat([real, real.new_zeros(per - real.shape[0], *shape[1:])], 0)
 
 
 @torch.no_grad()
@@ -110,21 +182,30 @@ def load_image_side(model, source: str | Path | dict[str, torch.Tensor]) -> None
     """Copy this rank's shards of the full trained tensors (a file or a dict) into ``model`` (any TP size).
 
     The image side for the recipe; every weight for the Transfusion baseline (``model.trains``).
+    From a file, each parameter reads only its own slice (one tensor slice in memory at a time).
     """
-    path = source if not isinstance(source, dict) else "image side"
-    tensors = load_file(str(source)) if not isinstance(source, dict) else source
     cfg, tp, rank = model.cfg, model.pctx.tp_size, model.pctx.tp_rank
-    for name, p in model.named_parameters():
-        if not model.trains(name):
-            continue
-        if name not in tensors:
-            raise CheckpointError(f"{path}: no tensor {name!r} (exported from a different model config?)")
-        local = shard(name, tensors[name], cfg, tp, rank)
-        if tuple(local.shape) != tuple(p.shape):
-            raise CheckpointError(
-                f"{path}: {name} gives a shard of {tuple(local.shape)}, the model has {tuple(p.shape)}"
+    f = TensorFile(source) if not isinstance(source, dict) else None
+    path = source if f is not None else "image side"
+    try:
+        for name, p in model.named_parameters():
+            if not model.trains(name):
+                continue
+            if (name not in f) if f is not None else (name not in source):
+                raise CheckpointError(f"{path}: no tensor {name!r} (exported from a different model config?)")
+            local = (
+                read_local_of_full(f, name, cfg, tp, rank)
+                if f is not None
+                else shard(name, source[name], cfg, tp, rank)
             )
-        p.copy_(local.to(dtype=p.dtype, device=p.device))
+            if tuple(local.shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"{path}: {name} gives a shard of {tuple(local.shape)}, the model has {tuple(p.shape)}"
+                )
+            p.copy_(local.to(dtype=p.dtype, device=p.device))
+    finally:
+        if f is not None:
+            f.close()
 
 
 def load_exported(path: str | Path, pctx: ParallelContext, *, seed: int = 1234, cls: type[M] = LlamaFusionModel) -> M:

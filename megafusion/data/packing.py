@@ -35,6 +35,11 @@ class Document:
     """Provenance (source shard#key) of the image."""
     caption_after: bool = False
     """The image comes first and its (non-empty) caption follows: an understanding example."""
+    source: tuple[int, int] | None = None
+    """(shard index in the loader's sorted shard list, member index in it): where a saved loader state re-reads
+    the latent from instead of storing it."""
+    epoch: int = -1
+    """The loader epoch the image was read in (a pending document can be packed in the next epoch's rows)."""
 
     def __len__(self) -> int:
         return len(self.tokens)

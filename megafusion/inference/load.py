@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from megafusion.checkpoint.build import M, build_llamafusion
 from megafusion.checkpoint.export import (
@@ -17,8 +16,8 @@ from megafusion.checkpoint.export import (
     open_checkpoint,
     read_checkpoint_image_side,
 )
-from megafusion.checkpoint.files import CheckpointError, latest_checkpoint, verify_file
-from megafusion.checkpoint.gather import canonical_name
+from megafusion.checkpoint.files import CheckpointError, latest_checkpoint
+from megafusion.checkpoint.source import CheckpointSource, read_local, verify_read
 from megafusion.model.llamafusion import LlamaFusionModel
 from megafusion.parallel.process_groups import ParallelContext
 
@@ -62,10 +61,9 @@ def load_for_inference(path: str | Path, pctx: ParallelContext, cls: type[M] = L
         )
     cfg, meta, index, hf_dir = open_checkpoint(ckpt)
     model = build_llamafusion(cfg.model, pctx, hf_dir, seed=cfg.seed, cls=cls)
-    lay = meta["layout"]
-    if lay.get("pp", 1) == 1 and lay.get("vpp", 1) == 1 and lay["tp"] == model.pctx.tp_size:
-        _load_own_shard(model, ckpt, index)  # this rank's file only: no full copy of the image side
-    else:  # another layout: every rank assembles the full trained side once (reshard first for big models)
+    if cfg.model.architecture == "llamafusion":
+        load_own_slices(model, ckpt)  # any saved layout: each rank reads only its own bytes
+    else:  # the baseline's trained vocab-parallel tensors are re-padded per TP size: assembled in full
         full, _, _, _ = read_checkpoint_image_side(ckpt)
         load_image_side(model, full)
     model.requires_grad_(False)  # inference: no autograd graphs (the baseline's weights all train otherwise)
@@ -79,20 +77,28 @@ def load_for_inference(path: str | Path, pctx: ParallelContext, cls: type[M] = L
     )
 
 
-def _load_own_shard(model: LlamaFusionModel, ckpt: Path, index: dict) -> None:
-    """Copy ``model/tp{rank}_pp0.safetensors`` (every trained parameter) into the model (saved at this TP, PP=1)."""
-    rel = f"model/tp{model.pctx.tp_rank}_pp0.safetensors"
-    verify_file(ckpt, rel, index)
-    saved = {canonical_name(k): v for k, v in load_file(str(ckpt / rel)).items() if canonical_name(k)}
-    params = {n: p for n, p in model.named_parameters() if model.trains(n)}
-    if set(saved) != set(params):
-        raise CheckpointError(
-            f"{ckpt / rel}: trained parameters differ from the model's, e.g. {sorted(set(saved) ^ set(params))[:3]}"
-        )
-    with torch.no_grad():
+@torch.no_grad()
+def load_own_slices(model: LlamaFusionModel, ckpt: Path) -> None:
+    """Every trained parameter of this rank, read from a checkpoint saved at any TP x PP layout.
+
+    Each parameter's shard at this rank's TP size is planned as byte runs of the saved shards
+    (``CheckpointSource.runs``, the resharder's planner) and read with one pread per run: no rank
+    assembles the full image side, and peak memory is one parameter's shard. The files read are
+    then verified against ``index.json`` (checksums, in parallel).
+    """
+    src = CheckpointSource(ckpt, verify=False, with_optimizer=False)
+    try:
+        params = {n: p for n, p in model.named_parameters() if model.trains(n)}
+        if set(src.model) != set(params):
+            raise CheckpointError(
+                f"{ckpt}: trained parameters differ from the model's, e.g. {sorted(set(src.model) ^ set(params))[:3]}"
+            )
+        tp, rank = model.pctx.tp_size, model.pctx.tp_rank
         for name, p in params.items():
-            if tuple(saved[name].shape) != tuple(p.shape):
-                raise CheckpointError(
-                    f"{ckpt / rel}: {name} has shape {tuple(saved[name].shape)}, model {tuple(p.shape)}"
-                )
-            p.copy_(saved[name].to(dtype=p.dtype, device=p.device))
+            local = read_local(src, name, tp, rank)
+            if tuple(local.shape) != tuple(p.shape):
+                raise CheckpointError(f"{ckpt}: {name} has a shard of {tuple(local.shape)}, model {tuple(p.shape)}")
+            p.copy_(local.to(dtype=p.dtype, device=p.device))
+        verify_read(src)
+    finally:
+        src.close()

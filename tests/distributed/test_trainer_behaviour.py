@@ -138,3 +138,48 @@ def test_nonfinite_steps_are_skipped_then_stop(base, tmp_path, overrides):
     # `latest` holds good weights: the poisoned steps never reached a checkpoint (step 2, or step 3 = skipped)
     assert r["latest_step"].item() >= 2 and r["ckpt_good"].item()
     assert r["recovered"].item()
+
+
+def _shared_verification_worker(rank, world, run_dir, hf_dir):
+    from megafusion.checkpoint import files
+    from megafusion.checkpoint.files import CheckpointError, latest_checkpoint
+    from megafusion.checkpoint.training_state import load_checkpoint
+
+    trainer = _trainer(run_dir, hf_dir)  # DP=2: both ranks read model/tp0_pp0.safetensors
+    trainer.run(1)
+    ckpt = latest_checkpoint(trainer.save_dir)
+    hashed: list[str] = []
+    real = files._file_checksum
+
+    def counting(path, algo):
+        hashed.append(str(path.relative_to(ckpt)))
+        return real(path, algo)
+
+    files._file_checksum = counting
+    load_checkpoint(ckpt, trainer.engine.module, trainer.optimizer)
+    first = list(hashed)
+    # a flipped bit in the shared model shard: every rank raises the same error (none hangs)
+    import torch.distributed as dist
+
+    model_file = ckpt / "model" / "tp0_pp0.safetensors"
+    dist.barrier()
+    if rank == 0:
+        data = bytearray(model_file.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        model_file.write_bytes(bytes(data))
+    dist.barrier()
+    msg = ""
+    try:
+        load_checkpoint(ckpt, trainer.engine.module, trainer.optimizer)
+    except CheckpointError as exc:
+        msg = str(exc)
+    return {"hashed": first, "msg": msg}
+
+
+def test_shared_shard_is_verified_by_one_rank(base, tmp_path):
+    res = run_distributed(_shared_verification_worker, 2, str(tmp_path), base)
+    model = "model/tp0_pp0.safetensors"
+    assert sum(r["hashed"].count(model) for r in res) == 1, [r["hashed"] for r in res]
+    for r, dp in zip(res, (0, 1)):  # each rank still checks its own partition and RNG state
+        assert f"optim/tp0_pp0_dp{dp}.safetensors" in r["hashed"] and f"rng/rank{dp}.safetensors" in r["hashed"]
+    assert all(model in r["msg"] and "corrupted" in r["msg"] for r in res), [r["msg"] for r in res]

@@ -128,11 +128,12 @@ def test_sigkill_during_async_write_keeps_latest_and_resumes(base, uninterrupted
     (step 4 runs), the process is killed then: `latest` stays on step 2 and the resumed run equals
     the uninterrupted one."""
     run = tmp_path / "killed_mid_write"
-    env = _env(MEGAFUSION_FAULT_SAVE_STALL="3:120")
+    env = _env(MEGAFUSION_FAULT_SAVE_STALL="3:120", MEGAFUSION_PREEMPT_LEAD_S="0.001")
     code, out = _run_until(_cmd(run, 6, base), "step      4/6", signal.SIGKILL, env=env)
     assert code != 0
     assert "step 3:" not in out  # the step-3 checkpoint never completed...
     assert "step 2: " in out and "complete" in out  # ...while step 2's did, and was logged
+    assert "MEGAFUSION_PREEMPT_LEAD_S=0.001 s is less than twice the last save" in out  # the budget warning
     ckpt = latest_checkpoint(run / "checkpoints")
     assert ckpt is not None and ckpt.name == "step_00000002"
     half = run / "checkpoints" / "step_00000003.tmp"
