@@ -151,6 +151,7 @@ def convert_hf_llama(
             del tensors
             bar.update(1)
     bar.close()
+    r.close()
     layout = {"tp": tp, "pp": pp, "vpp": vpp}
     meta = {
         "step": 0,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -129,18 +128,11 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
     return out
 
 
-def _rows(f: TensorFile, name: str, a: int, b: int) -> torch.Tensor:
-    """Rows [a, b) of a 2-D (or 1-D) tensor of ``f``: one contiguous read."""
-    shape = f.shape(name)
-    cols = math.prod(shape[1:])
-    return f.read_flat(name, a * cols, b * cols).view(b - a, *shape[1:])
-
-
 def read_local_of_full(f: TensorFile, name: str, cfg, tp: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s TP shard of the full tensor ``name`` in ``f``, reading only what it needs.
 
     The same cut as ``gather.shard`` (tested equal), done with reads instead of on a full copy: a
-    row-parallel shard reads the rows in chunks of ~64 MB and keeps its columns.
+    row-parallel shard reads the rows in chunks of ~64 MB and keeps its columns (``TensorFile.read_cols``).
     """
     kind = shard_kind(name)
     shape = f.shape(name)
@@ -156,24 +148,18 @@ def read_local_of_full(f: TensorFile, name: str, cfg, tp: int, rank: int) -> tor
         parts, start = [], 0
         for n in blocks:  # each block (q, k, v / gate, up) is cut into tp row blocks
             step = n // tp
-            parts.append(_rows(f, name, start + rank * step, start + (rank + 1) * step))
+            parts.append(f.read_rows(name, start + rank * step, start + (rank + 1) * step))
             start += n
         return torch.cat(parts, 0)
     if kind == "row":
-        rows, cols = shape
-        step = cols // tp
-        chunk = max(1, (64 << 20) // max(1, cols * f.read_flat(name, 0, 0).element_size()))  # rows per read
-        out = [
-            _rows(f, name, a, min(rows, a + chunk))[:, rank * step : (rank + 1) * step].clone()
-            for a in range(0, rows, chunk)
-        ]
-        return torch.cat(out, 0)
+        step = shape[1] // tp
+        return f.read_cols(name, rank * step, (rank + 1) * step)
     # vocab (the baseline's trained embedding / head): this rank's rows of the padded vocabulary
     from megafusion.parallel.megatron_config import padded_vocab_size
 
     per = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, tp) // tp
     a, b = rank * per, min((rank + 1) * per, shape[0])
-    real = _rows(f, name, a, b) if a < b else f.read_flat(name, 0, 0).view(0, *shape[1:])
+    real = f.read_rows(name, a, b) if a < b else f.read_flat(name, 0, 0).view(0, *shape[1:])
     return torch.cat([real, real.new_zeros(per - real.shape[0], *shape[1:])], 0)
 
 

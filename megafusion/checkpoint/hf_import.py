@@ -1,6 +1,6 @@
 """Load a Hugging Face Llama directory (safetensors) into LlamaFusion's text tower.
 
-Streams tensor by tensor through ``safetensors.safe_open`` and reads only the
+Streams tensor by tensor with plain reads (``SafetensorsDir``) and reads only the
 rows/columns of this TP rank, so memory stays near one tensor slice. Nothing is
 unpickled: ``*.bin`` (pickle) checkpoints are refused with a message saying how
 to convert them.
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
+from megafusion.checkpoint.tensor_file import TensorFile
 from megafusion.config.schema import ImageConfig, ModelConfig, RopeScalingConfig
 
 LLAMA3_VOCAB = 128256
@@ -89,7 +89,12 @@ def model_config_from_hf(hf: dict, image: ImageConfig | None = None, **overrides
 
 
 class SafetensorsDir:
-    """Tensor-by-tensor reader over ``model.safetensors`` or a sharded ``*.index.json`` directory."""
+    """Tensor-by-tensor reader over ``model.safetensors`` or a sharded ``*.index.json`` directory.
+
+    Reads with plain preads (``tensor_file.TensorFile``), not memory maps: every page of a mapped
+    file that a reader touches counts towards its resident memory until the file is closed, so a
+    conversion of a large Llama would hold all of it. Here only the slices asked for are read.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -98,7 +103,7 @@ class SafetensorsDir:
         if index.is_file():
             self.weight_map = json.loads(index.read_text())["weight_map"]
         elif single.is_file():
-            with safe_open(single, framework="pt") as f:
+            with TensorFile(single) as f:
                 self.weight_map = {k: single.name for k in f.keys()}
         else:
             if list(self.path.glob("*.bin")):
@@ -107,28 +112,33 @@ class SafetensorsDir:
                     "re-save them with save_pretrained(..., safe_serialization=True)"
                 )
             raise HFCheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, TensorFile] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def slice(self, name: str):
+    def _file(self, name: str) -> TensorFile:
         if name not in self.weight_map:
             raise HFCheckpointError(f"{self.path}: tensor {name!r} not found in the checkpoint")
         fname = self.weight_map[name]
         if fname not in self._handles:
-            self._handles[fname] = safe_open(self.path / fname, framework="pt")
-        return self._handles[fname].get_slice(name)
+            self._handles[fname] = TensorFile(self.path / fname)
+        return self._handles[fname]
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
 
     def get(self, name: str) -> torch.Tensor:
-        s = self.slice(name)
-        return s[:]
+        f = self._file(name)
+        return f.read_flat(name, 0, f.numel(name)).view(f.shape(name))
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self.slice(name)[start:stop]
+        return self._file(name).read_rows(name, start, stop)
 
     def shape(self, name: str) -> list[int]:
-        return list(self.slice(name).get_shape())
+        return list(self._file(name).shape(name))
 
     def tp_rows(self, name: str, tp: int, rank: int) -> torch.Tensor:
         """This TP rank's block of output rows (column-parallel layout)."""
@@ -136,9 +146,9 @@ class SafetensorsDir:
         return self.rows(name, rank * step, (rank + 1) * step)
 
     def tp_cols(self, name: str, tp: int, rank: int) -> torch.Tensor:
-        """This TP rank's block of input columns (row-parallel layout)."""
+        """This TP rank's block of input columns (row-parallel layout), read in row chunks."""
         step = self.shape(name)[1] // tp
-        return self.slice(name)[:, rank * step : (rank + 1) * step]
+        return self._file(name).read_cols(name, rank * step, (rank + 1) * step)
 
 
 LAYER_SOURCES = {  # routed-layer tensor -> the HF tensors it is made of (for error messages)
@@ -180,6 +190,13 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
 def load_hf_llama(model, path: str | Path) -> None:
     """Copy this rank's shards of the HF Llama weights into ``model``'s text tower (any TP, any stage)."""
     r = SafetensorsDir(path)
+    try:
+        _load_text_tower(model, r, path)
+    finally:
+        r.close()
+
+
+def _load_text_tower(model, r: SafetensorsDir, path: str | Path) -> None:
     cfg, tp, rank = model.cfg, model.pctx.tp_size, model.pctx.tp_rank
     n_layers_hf = sum(1 for k in r.weight_map if k.endswith("self_attn.q_proj.weight"))
     if n_layers_hf != cfg.num_layers:

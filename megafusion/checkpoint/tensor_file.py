@@ -114,6 +114,27 @@ class TensorFile:
             raise TensorFileError(f"{self.path}: short read of {name} ({got} of {buf.nbytes} bytes; truncated?)")
         return out
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of a tensor (along its first dimension): one contiguous read."""
+        shape = self.shape(name)
+        inner = math.prod(shape[1:])
+        return self.read_flat(name, start * inner, stop * inner).view(stop - start, *shape[1:])
+
+    def read_cols(self, name: str, start: int, stop: int, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+        """Columns ``[start, stop)`` of a 2-D tensor, reading whole rows ~``chunk_bytes`` at a time.
+
+        Memory stays at the result plus one chunk, whatever the tensor's size (a row-parallel
+        TP shard of an 8B FFN weight is 1/TP of it, the rest is never held).
+        """
+        rows, cols = self.shape(name)
+        itemsize = DTYPES[self._entry(name)["dtype"]].itemsize
+        step = max(1, chunk_bytes // max(1, cols * itemsize))
+        out = torch.empty(rows, stop - start, dtype=DTYPES[self._entry(name)["dtype"]])
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            out[a:b] = self.read_rows(name, a, b)[:, start:stop]
+        return out
+
 
 NAMES = {v: k for k, v in DTYPES.items()}
 
