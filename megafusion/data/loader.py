@@ -204,7 +204,7 @@ class SlotReader:
         self.u, self.q, self.i, self.j = st["unit"], st["q"], st["i"], st["j"]
         self.seen, self.skipped, self.batches = st["seen"], st["skipped"], st["batches"]
         self.shuffle_rng = decode_rng(st["shuffle_rng"]) if st["shuffle_rng"] else None
-        self.pack_rng = pack_rng(self.cfg.seed, self.epoch, self.slot)
+        self.pack_rng = decode_rng(st["pack_rng"]) if st["pack_rng"] else None
         self.units = [] if self.fresh else self._units_of(self.epoch)
         self.text = None
         if self.ratio > 0 and not self.fresh:

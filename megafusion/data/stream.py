@@ -165,7 +165,8 @@ class LoaderStream:
         }
 
     def load_state_dict(self, states: list[dict], step: int) -> str | None:
-        """Continue from the saved states of ALL DP ranks of the saved run, at ``step``.
+        """Continue from the saved states of the DP ranks of the saved run (pass all: every one is
+        needed when the layout changed; this rank's alone suffices when it did not), at ``step``.
 
         Same DP size, worker count and layout settings: exactly the uninterrupted stream.
         Otherwise the samples the saved run had not consumed in its unfinished epochs are
@@ -181,7 +182,9 @@ class LoaderStream:
         now = _layout(self.cfg)
         changed += [f"{k} {here['layout'][k]!r} -> {now[k]!r}" for k in LAYOUT_KEYS if here["layout"][k] != now[k]]
         if not changed:
-            st = states[self.dp_rank]
+            st = next((s for s in states if s["dp_rank"] == self.dp_rank), None)
+            if st is None:
+                raise ValueError(f"no loader state of DP rank {self.dp_rank} among the saved ones")
             rel = st["consumed"] - st["base"]
             if st["micro_per_step"] == self.micro_per_step and st["consumed"] != position:
                 raise ValueError(
@@ -193,6 +196,11 @@ class LoaderStream:
                     raise ValueError(f"loader state of DP rank {self.dp_rank}: worker {w} is not at batch {rel}")
             self.position, self.base, self._states, self._it = position, position - rel, list(st["workers"]), None
             return None
+        if [s["dp_rank"] for s in states] != list(range(here["dp_size"])):
+            raise ValueError(
+                f"loader states of DP ranks {[s['dp_rank'] for s in states]}: another layout needs all "
+                f"{here['dp_size']} of the saved run"
+            )
         old = self._old_worker_states(states)
         slots = self.dp_size * self.workers
         new = redistribute(old, self.cfg.seed, here["shards"], slots, here["layout"]["seed"])
@@ -218,10 +226,9 @@ class LoaderStream:
         first = states[0]
         if any(s.get("format") != FORMAT for s in states):
             raise ValueError(f"loader state format {first.get('format')!r}, this loader reads {FORMAT}")
-        if [s["dp_rank"] for s in states] != list(range(first["dp_size"])):
-            raise ValueError(
-                f"loader states of DP ranks {[s['dp_rank'] for s in states]}, the saved run had {first['dp_size']}"
-            )
+        runs = {(s["dp_size"], s["logical_workers"], tuple(sorted(s["layout"].items()))) for s in states}
+        if len(runs) > 1:
+            raise ValueError("loader states of different saved runs (DP size, workers or layout differ)")
         shards = self._shard_list()
         if (first["shards"], first["shards_crc"]) != (len(shards), shards_crc(shards)):
             raise ValueError(

@@ -119,14 +119,16 @@ def test_resume_equals_the_uninterrupted_stream(reference):
     cfg, ref, states = reference["cfg"], reference["items"], reference["states"]
     parsed = {s: json.loads(v) for s, v in states.items()}
     assert all(json.loads(json.dumps(p)) == p for p in parsed.values())  # plain JSON, round-trips
-    # a point inside a later shard of epoch 0, and one after an epoch boundary
+    # resume points: inside a later shard of epoch 0, after an epoch boundary
     later_shard = next(
         s
         for s, p in parsed.items()
         if all(w["epoch"] == 0 and not w["fresh"] for w in p["workers"]) and any(w["unit"] >= 1 for w in p["workers"])
     )
     past_epoch = next(s for s, p in parsed.items() if s > 20 and min(w["epoch"] for w in p["workers"]) >= 1)
-    for step in (later_shard, past_epoch):
+    # and one saved inside a sample's text-only documents: that sample is in hand, not yet packed
+    in_hand = next(s for s, p in parsed.items() if any(w["in_hand"] is not None for w in p["workers"]))
+    for step in sorted({later_shard, past_epoch, in_hand}):
         stream = LoaderStream(cfg, 0, 1, CPU, MPS)
         assert stream.load_state_dict([json.loads(states[step])], step) is None  # same layout: no warning
         got, after = _steps(stream, step, TOTAL, MPS)
@@ -243,8 +245,10 @@ def test_state_dict_contents_and_refusals(data):
     assert sd["data_path"] == cfg.data.path and len(json.dumps(sd)) < 20_000  # references, no latents
     with pytest.raises(ValueError, match="another step"):
         LoaderStream(cfg, 0, 1, CPU, 2).load_state_dict([sd], 4)
-    with pytest.raises(ValueError, match="DP ranks"):
+    with pytest.raises(ValueError, match="needs all 2"):  # another layout needs every rank's state
         LoaderStream(cfg, 0, 1, CPU, 2).load_state_dict([dict(sd, dp_size=2)], 5)
+    with pytest.raises(ValueError, match="different saved runs"):
+        LoaderStream(cfg, 0, 1, CPU, 2).load_state_dict([sd, dict(sd, dp_rank=1, logical_workers=2)], 5)
     other = dict(sd, shards=len(SIZES) + 1)
     with pytest.raises(ValueError, match="other shards"):
         LoaderStream(cfg, 0, 1, CPU, 2).load_state_dict([other], 5)
