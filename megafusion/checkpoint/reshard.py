@@ -34,13 +34,14 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megafusion.checkpoint.files import INDEX, CheckpointError, file_digest
+from megafusion.checkpoint.files import INDEX, CheckpointError, file_digest, verify_file
 from megafusion.checkpoint.gather import REPLICA
 from megafusion.checkpoint.shapes import index_shape_problems
 from megafusion.checkpoint.source import UNIVERSAL, CheckpointSource
@@ -49,7 +50,7 @@ from megafusion.checkpoint.training_state import ADAM_STATES
 from megafusion.config.loader import dump_config
 from megafusion.config.schema import Config
 from megafusion.config.validate import split_problems
-from megafusion.durable import publish
+from megafusion.durable import fsync_path, publish
 from megafusion.parallel.layout import Layout
 
 
@@ -71,6 +72,13 @@ def _placement(canon: str, m, layout: Layout) -> list[tuple[int, int]]:
     if head == "image_out":
         return [(layout.pp - 1, layout.vpp - 1)]
     raise CheckpointError(f"parameter {canon!r}: unknown where it lives in a pipeline (not a layer, U-Net or <BOI>)")
+
+
+def _write_file(path: Path, entries, sources: list[Path]) -> dict[str, Any]:
+    """One output file: bytes copied from the runs, flushed to disk, then checksummed (from the page cache)."""
+    write_tensor_file(path, entries, sources)
+    fsync_path(path)
+    return file_digest(path)
 
 
 def _check_layout(cfg: Config, new: Layout, dp: int | None, where: Path) -> None:
@@ -137,7 +145,8 @@ def reshard_checkpoint(
     if not src.weights_only:
         (tmp / "optim").mkdir()
     index: dict[str, Any] = {}
-    hashes: dict[str, Any] = {}
+    writes: dict[str, Any] = {}
+    writers = ThreadPoolExecutor(max_workers=2)
     bar = tqdm(total=new.tp * new.pp, desc="resharding", unit="shard", disable=not progress)
     moved = 0
     try:
@@ -177,22 +186,28 @@ def reshard_checkpoint(
                     files.append((f"optim/{stem}.safetensors", states))
                     (tmp / f"optim/{stem}.json").write_text(json.dumps({"format": UNIVERSAL, "step": src.step}))
                     index[f"optim/{stem}.json"] = file_digest(tmp / f"optim/{stem}.json")
-                for rel, entries in files:
-                    index[rel] = write_tensor_file(tmp / rel, entries, src.sources)
-                    moved += index[rel]["bytes"]
-                    hashes[rel] = src._pool.submit(file_digest, tmp / rel)  # checksum of the finished file
+                for rel, entries in files:  # written two at a time: planning in one overlaps I/O in the other
+                    writes[rel] = writers.submit(_write_file, tmp / rel, entries, src.sources)
                 bar.update(1)
+        for rel, fut in writes.items():
+            index[rel] = fut.result()
+            moved += index[rel]["bytes"]
+        for rel in sorted(r for r in src.index if r.startswith("data/")):  # loader positions: layout-free JSON
+            verify_file(src_dir, rel, src.index)
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src_dir / rel, tmp / rel)
+            index[rel] = file_digest(tmp / rel)
         src.wait_verified()
     except BaseException:
         try:
             src.wait_verified()  # a corrupted input explains a failure best
         finally:
+            writers.shutdown(wait=True, cancel_futures=True)
             src.close()
             bar.close()
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for rel, fut in hashes.items():
-        index[rel] = fut.result()
+    writers.shutdown(wait=True)
     src.close()
     bar.close()
 

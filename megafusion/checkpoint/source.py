@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,6 +79,7 @@ class CheckpointSource:
         self.sources: list[Path] = []  # file index -> path, as addresses encode it
         self._fds: dict[int, int] = {}
         self._fids: dict[str, int] = {}
+        self._lock = threading.Lock()
         self._offsets: dict[tuple[str, str], int] = {}
 
     def _index_optimizer(self) -> None:
@@ -155,6 +157,10 @@ class CheckpointSource:
         return self._fds[fid]
 
     def _fid(self, rel: str) -> int:
+        with self._lock:  # planners in several writer threads share the file table
+            return self._fid_unlocked(rel)
+
+    def _fid_unlocked(self, rel: str) -> int:
         if rel not in self._fids:
             self._fids[rel] = len(self.sources)
             self.sources.append(self.root / rel)

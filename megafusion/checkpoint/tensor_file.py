@@ -15,7 +15,9 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,7 @@ def write_tensor_file(
     path: str | Path,
     entries: list[tuple[str, torch.dtype, tuple[int, ...], Callable[[], list[Run]]]],
     sources: list[Path],
+    threads: int = 4,
 ) -> dict[str, Any]:
     """Write a safetensors file whose tensors are re-arranged bytes of other safetensors files.
 
@@ -177,28 +180,38 @@ def write_tensor_file(
     raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as safetensors writes it
     head = struct.pack("<Q", len(raw)) + raw
     fds: dict[int, int] = {}
+    lock = threading.Lock()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def source_fd(fid: int) -> int:
+        with lock:
+            if fid not in fds:
+                fds[fid] = os.open(sources[fid], os.O_RDONLY)
+            return fds[fid]
+
+    def write_entry(name: str, make: Callable[[], list[Run]]) -> None:
+        at = len(head) + header[name]["data_offsets"][0]
+        nbytes = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+        runs = make()
+        if sum(r[2] for r in runs) != nbytes:
+            raise ValueError(f"{path}: {name} planned {nbytes} bytes, its runs cover {sum(r[2] for r in runs)}")
+        if len(runs) <= max(8, nbytes >> 16):  # runs of 64 KiB on average or more
+            for fid, src_off, length in runs:
+                _copy_range(source_fd(fid), src_off, fd, at, length, sources[fid])
+                at += length
+        else:  # many short runs (a row-parallel re-cut): one read per source region, gather, one write
+            view = memoryview(_gather(runs, nbytes, {f: source_fd(f) for f in {r[0] for r in runs}}, sources))
+            while len(view):
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+
     try:
         os.ftruncate(fd, len(head) + offset)
         os.pwrite(fd, head, 0)
-        for name, _, _, make in entries:
-            at = len(head) + header[name]["data_offsets"][0]
-            nbytes = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
-            runs = make()
-            if sum(r[2] for r in runs) != nbytes:
-                raise ValueError(f"{path}: {name} planned {nbytes} bytes, its runs cover {sum(r[2] for r in runs)}")
-            for fid, _, _ in runs:
-                if fid not in fds:
-                    fds[fid] = os.open(sources[fid], os.O_RDONLY)
-            if len(runs) <= max(8, nbytes >> 16):  # runs of 64 KiB on average or more
-                for fid, src_off, length in runs:
-                    _copy_range(fds[fid], src_off, fd, at, length, sources[fid])
-                    at += length
-            else:  # many short runs (a row-parallel re-cut): one read per source region, gather, one write
-                view = memoryview(_gather(runs, nbytes, fds, sources))
-                while len(view):
-                    n = os.pwrite(fd, view, at)
-                    view, at = view[n:], at + n
+        # tensors land at fixed offsets, so several are written at once (the copies release the GIL)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for fut in [pool.submit(write_entry, name, make) for name, _, _, make in entries]:
+                fut.result()
     finally:
         os.close(fd)
         for f in fds.values():

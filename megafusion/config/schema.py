@@ -154,9 +154,10 @@ class DataConfig:
     caption_first_prob: float = 0.8
     """Probability an image-caption pair is laid out caption-first."""
     num_workers: int = 2
-    """DataLoader workers per rank (the batch order depends on it: keep it across resumes)."""
+    """DataLoader workers per rank (the batch order depends on it: a resume with another value warns and deals
+    the rest of the epoch over the new workers)."""
     shuffle_buffer: int = 1000
-    """Samples held by each worker's shuffle buffer."""
+    """Samples held by each worker's shuffle buffer (a resume re-decodes up to this many samples per worker)."""
     text_path: str = ""
     """Optional text-only webdataset shards (a ``.txt`` member per sample) mixed into the sequences."""
     text_ratio: float = 0.0

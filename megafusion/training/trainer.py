@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megafusion.checkpoint.files import frozen_source_fingerprint, latest_checkpoint
+from megafusion.checkpoint.files import frozen_source_fingerprint, latest_checkpoint, verify_file
 from megafusion.checkpoint.training_state import load_checkpoint
 from megafusion.config.schema import Config
 from megafusion.data.stream import LoaderStream, SyntheticStream, TrainItem
@@ -114,9 +114,37 @@ class Trainer:
                 "skipped_steps": self.skipped,
                 "frozen_source": frozen_source_fingerprint(self.hf_dir),
             },
+            extra_files=self._loader_state_file(),
         )
         if wait:
             self.saver.wait()
+
+    def _loader_state_file(self) -> dict[str, bytes]:
+        """``data/dp{r}.json``: this DP rank's loader position, written by its TP 0 / PP 0 rank (the others hold
+        the same one). Taken here, in the loop, because the stream moves on while the writer runs."""
+        if not isinstance(self.stream, LoaderStream):
+            return {}
+        if ps.get_tensor_model_parallel_rank() != 0 or ps.get_pipeline_model_parallel_rank() != 0:
+            return {}
+        return {f"data/dp{self.dp_rank}.json": json.dumps(self.stream.state_dict()).encode()}
+
+    def _restore_loader(self, path: Path, index: dict) -> bool:
+        """Continue the data stream from the saved loader states (every DP rank's, for a layout change).
+
+        False when the checkpoint holds none (older checkpoints, converted ones): the stream then
+        replays up to the step, as before.
+        """
+        rels = sorted(k for k in index if k.startswith("data/dp") and k.endswith(".json"))
+        if not rels or not isinstance(self.stream, LoaderStream):
+            return False
+        for rel in rels:
+            verify_file(path, rel, index)
+        states = [json.loads((path / rel).read_text()) for rel in rels]
+        msg = self.stream.load_state_dict(states, self.step)
+        if msg:
+            self.log(f"[train] warning: {msg}")
+        self.log(f"[train] data loader continues from its saved position ({len(states)} DP rank states)")
+        return True
 
     def maybe_resume(self) -> bool:
         path = latest_checkpoint(self.save_dir)
@@ -132,11 +160,6 @@ class Trainer:
                 f"but checkpoint.hf_llama={self.hf_dir} has {now_src['files']}; resume with the same base Llama"
             )
         pos = meta.get("data_position", {})
-        if self.cfg.data.path and pos.get("num_workers", self.cfg.data.num_workers) != self.cfg.data.num_workers:
-            raise ValueError(
-                f"{path}: saved with data.num_workers={pos['num_workers']}, this run has "
-                f"data.num_workers={self.cfg.data.num_workers}; the batch order depends on it, keep it equal"
-            )
         saved_dp = int(pos.get("dp", meta.get("resharded_from", meta["layout"]).get("dp", self.dp_size)))
         saved_micro = pos.get("micro_batches_per_step", self.num_micro) * saved_dp
         if saved_micro != self.num_micro * self.dp_size:
@@ -145,13 +168,22 @@ class Trainer:
                 f"{self.num_micro * self.dp_size} (DP={self.dp_size}); data.global_batch_size and "
                 "data.micro_batch_size must stay equal"
             )
-        if saved_dp != self.dp_size and self.cfg.data.path:
-            self.log(
-                f"[train] warning: DP changed {saved_dp} -> {self.dp_size}; the latent shards are dealt to DP "
-                "ranks anew, so from here the sample order differs from an unresharded run (counts are kept)"
-            )
         self.step = int(meta["step"])
         self.skipped = int(meta.get("skipped_steps", 0))
+        index = json.loads((path / "index.json").read_text())
+        restored = self.cfg.data.path and self._restore_loader(path, index)
+        if self.cfg.data.path and not restored:
+            if pos.get("num_workers", self.cfg.data.num_workers) != self.cfg.data.num_workers:
+                raise ValueError(
+                    f"{path}: saved with data.num_workers={pos['num_workers']} and no loader state, this run has "
+                    f"data.num_workers={self.cfg.data.num_workers}; the batch order depends on it, keep it equal"
+                )
+            if saved_dp != self.dp_size:
+                self.log(
+                    f"[train] warning: DP changed {saved_dp} -> {self.dp_size} and the checkpoint has no loader "
+                    "state; the latent shards are dealt to DP ranks anew, so from here the sample order differs "
+                    "from an unresharded run (counts are kept)"
+                )
         self.log(f"[train] resumed from {path} at step {self.step}")
         return True
 

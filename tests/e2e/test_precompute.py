@@ -378,3 +378,52 @@ def test_loader_errors_name_the_problem(latents_dir, tmp_path):
     cfg = load_config("tiny", [f"data.path={latents_dir}", f"data.tokenizer={tok}", "model.image.image_size=64"])
     with pytest.raises(ValueError, match=r"latent of shape \(4, 8, 8\), the model expects \(4, 16, 16\)"):
         next(iter(LatentSequenceDataset(cfg, 0, 1)))
+
+
+def _train_worker(rank, world, run_dir, hf, latents_dir, tok, steps):
+    from megafusion.config import load_config
+    from megafusion.parallel.process_groups import init_model_parallel
+    from megafusion.training.trainer import Trainer
+
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.path={latents_dir}/latents-{{000000..000003}}.tar",
+            f"data.tokenizer={tok}",
+            "data.seq_length=64",
+            "data.micro_batch_size=1",
+            "data.global_batch_size=2",
+            "data.num_workers=2",
+            "data.shuffle_buffer=8",
+            "optim.warmup_steps=1",
+            "logging.tensorboard=false",
+            "checkpoint.interval=2",
+            f"logging.run_dir={run_dir}",
+        ],
+    )
+    init_model_parallel(1, 1)
+    logs: list[str] = []
+    trainer = Trainer(cfg, hf, log=logs.append)
+    trainer.maybe_resume()
+    history = trainer.run(steps)
+    restored = any("data loader continues from its saved position" in line for line in logs)
+    return {"losses": torch.tensor([h.loss for h in history], dtype=torch.float64), "restored": torch.tensor(restored)}
+
+
+@pytest.mark.slow
+def test_training_resume_restores_the_loader_position(latents_dir, tmp_path):
+    """A run on latent shards stopped at step 2 and resumed continues from the saved loader position
+    (no replay) with the losses of the uninterrupted run."""
+    from megafusion.config import load_config
+    from megafusion.demo.tiny_llama import write_random_hf_llama
+    from megafusion.demo.tokenizer import write_word_tokenizer
+    from tests.helpers import run_distributed
+
+    tok = str(write_word_tokenizer(tmp_path / "tok"))
+    hf = str(write_random_hf_llama(load_config("tiny").model, tmp_path / "base", seed=3))
+    straight = run_distributed(_train_worker, 1, str(tmp_path / "a"), hf, str(latents_dir), tok, 4)[0]
+    first = run_distributed(_train_worker, 1, str(tmp_path / "b"), hf, str(latents_dir), tok, 2)[0]
+    assert (tmp_path / "b" / "checkpoints" / "step_00000002" / "data" / "dp0.json").is_file()
+    second = run_distributed(_train_worker, 1, str(tmp_path / "b"), hf, str(latents_dir), tok, 4)[0]
+    assert second["restored"].item() and not first["restored"].item()
+    torch.testing.assert_close(torch.cat([first["losses"], second["losses"]]), straight["losses"], rtol=1e-6, atol=1e-7)
