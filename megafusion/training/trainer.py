@@ -216,6 +216,7 @@ class Trainer:
         stats = self._reduce_losses(reduced)
         if not math.isfinite(stats[0]):
             self._poison_grads()  # a non-finite loss must skip the step even if its grads look finite
+        self._fill_missing_grads()
         # DeepSpeed finds non-finite gradients through the global grad norm (reduced over DP and
         # TP x PP), skips the update and clears its own buffers; we only count.
         self.engine.allreduce_gradients()
@@ -242,6 +243,16 @@ class Trainer:
         self.step += 1
         dt = time.perf_counter() - t0
         return self._stats(stats, grad_norm, lr, dt, items)
+
+    def _fill_missing_grads(self) -> None:
+        """Zeros for every trainable parameter this step gave no gradient (a text-only micro-batch never
+        reaches the U-Nets): DeepSpeed reduces only parameters with a gradient, so without this one DP
+        rank would issue other collectives than its peers (a crash under gloo, a hang under NCCL).
+        This covers ZeRO-1, which reduces here; ZeRO-2 reduces in backward hooks that a parameter
+        without a gradient never fires, so it still needs every parameter in the graph (issue 17)."""
+        for p in self.trainable_parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
 
     def _poison_grads(self) -> None:
         for p in self.trainable_parameters():
