@@ -30,7 +30,7 @@ from megafusion.config.schema import Config
 from megafusion.config.validate import config_problems
 from megafusion.parallel.layout import Layout, with_layout
 from megafusion.parallel.megatron_config import padded_vocab_size
-from megafusion.training.flops import image_io_flops_per_image, transformer_flops_per_step
+from megafusion.training.flops import image_io_flops_per_image, planned_attention_pairs, transformer_flops_per_step
 
 GIB = 2**30
 LAYER_COEF = {"const": -2154.0, "h": 11.61, "q": 11.61, "f": 6.238, "kv": 5.409}
@@ -206,7 +206,8 @@ def step_flops(cfg: Config, image_fraction: float = 0.5) -> float:
     tokens = seqs * cfg.data.seq_length
     image = int(tokens * image_fraction)
     images = image / cfg.model.image.tokens_per_image
-    return transformer_flops_per_step(cfg, tokens - image, image, seqs) + images * image_io_flops_per_image(cfg)
+    pairs = planned_attention_pairs(cfg, seqs, image_fraction)
+    return transformer_flops_per_step(cfg, tokens - image, image, seqs, pairs) + images * image_io_flops_per_image(cfg)
 
 
 def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> list[Layout]:

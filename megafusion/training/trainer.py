@@ -29,7 +29,7 @@ from megafusion.parallel.grads import allreduce_sequence_parallel_grads
 from megafusion.parallel.process_groups import ParallelContext
 from megafusion.training.checkpointing import CheckpointSaver
 from megafusion.training.engine import build_engine, optimizer_state_bytes
-from megafusion.training.flops import image_io_flops_per_image, transformer_flops_per_step
+from megafusion.training.flops import attention_pairs, image_io_flops_per_image, transformer_flops_per_step
 from megafusion.training.lr_schedule import learning_rate
 from megafusion.training.metrics import ScalarLogger, StepStats, peak_flops, peak_memory_gb
 from megafusion.training.preemption import StopSignal
@@ -280,7 +280,8 @@ class Trainer:
         image = sum(int((it.batch.image_ids >= 0).sum()) for it in items)
         n_img = sum(it.batch.num_images for it in items)
         seqs = sum(it.batch.input_ids.shape[0] for it in items)
-        flops = (transformer_flops_per_step(cfg, text, image, seqs) + n_img * self._img_flops) * self.dp_size
+        pairs = sum(attention_pairs(it.batch.document_ids, it.batch.image_ids) for it in items)
+        flops = (transformer_flops_per_step(cfg, text, image, seqs, pairs) + n_img * self._img_flops) * self.dp_size
         world = dist.get_world_size()
         tokens = (text + image) * self.dp_size
         return StepStats(
