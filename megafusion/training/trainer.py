@@ -25,7 +25,7 @@ from megafusion.checkpoint.files import frozen_source_fingerprint, latest_checkp
 from megafusion.checkpoint.training_state import load_checkpoint
 from megafusion.config.schema import Config
 from megafusion.data.stream import LoaderStream, SyntheticStream, TrainItem
-from megafusion.parallel.grads import allreduce_sequence_parallel_grads
+from megafusion.parallel.grads import allreduce_sequence_parallel_grads, average_replicated_grads
 from megafusion.parallel.process_groups import ParallelContext
 from megafusion.training.checkpointing import CheckpointSaver
 from megafusion.training.engine import build_engine, optimizer_state_bytes
@@ -212,6 +212,7 @@ class Trainer:
         )
         for m in self.models:
             allreduce_sequence_parallel_grads(m, self.pctx.tp_group)
+            average_replicated_grads(m, self.pctx.tp_group)  # replicas stay equal whatever the kernels
         sync_replica_grads(self.models)
         stats = self._reduce_losses(reduced)
         if not math.isfinite(stats[0]):
