@@ -43,7 +43,7 @@ def check_base_llama(cfg) -> None:
     the checkpoint load; here it is one line naming both values.
     """
     from megafusion.checkpoint.files import CheckpointError, latest_checkpoint, read_checkpoint_files
-    from megafusion.checkpoint.shapes import differing_dims, dim_conflicts
+    from megafusion.checkpoint.shapes import MODEL_DIMS, differing_dims, dim_conflicts
     from megafusion.config import ConfigError
 
     if cfg.checkpoint.hf_llama:
@@ -61,7 +61,7 @@ def check_base_llama(cfg) -> None:
                 raise ConfigError(f"checkpoint.load={cfg.checkpoint.load}: {exc}") from None
             bad = [
                 f"model.{k}={a} in the config, {b} in {path / 'config.yaml'}"
-                for k, a, b in differing_dims(cfg.model, saved.model)
+                for k, a, b in differing_dims(cfg.model, saved.model, (*MODEL_DIMS, "boi_token_id", "eoi_token_id"))
             ]
             if bad:
                 raise ConfigError(f"checkpoint.load={cfg.checkpoint.load} is of another model: " + "; ".join(bad))

@@ -12,6 +12,7 @@ megafusion's text logits equal transformers' on the same weights.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -233,6 +234,21 @@ def test_preset_dims_replaced_and_stored_config_checked(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "model dims from" in r.stdout and "hidden_size 128 -> 96" in r.stdout, r.stdout
+    # the written config.yaml is a training config for these weights; another model's config is refused
+    env = dict(os.environ, WORLD_SIZE="4")
+    check = [sys.executable, "-m", "launcher.train", "--check", f"checkpoint.hf_llama={hf}", f"checkpoint.load={conv}"]
+    r = subprocess.run(
+        check + ["--config", str(conv / "config.yaml")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(
+        [sys.executable, "-m", "launcher.train", "--check", "--config", "tiny", f"checkpoint.load={conv}"],
+        cwd=ROOT,
+        env=dict(os.environ, WORLD_SIZE="1"),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "is of another model" in r.stderr and "model.boi_token_id=510" in r.stderr, r.stderr
     r = _tool(
         "tools/reshard_checkpoint.py", "--in", str(conv), "--out", str(tmp_path / "tp1"), "--tp", "1", "--pp", "1"
     )
