@@ -29,18 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
-
-def _copy(src: Path, dst: Path) -> float:
-    t0 = time.perf_counter()
-    for f in sorted(src.rglob("*")):
-        if f.is_file():
-            target = dst / f.relative_to(src)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, target)
-            fd = os.open(target, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-    return time.perf_counter() - t0
+from bench_reshard import copy_fsynced  # noqa: E402 (the same plain-copy baseline as the reshard benchmark)
 
 
 def main() -> None:
@@ -101,7 +90,7 @@ def main() -> None:
 
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         os.sync()
-        copies.append(_copy(path, work / f"copy{i}"))
+        copies.append(copy_fsynced(path, work / f"copy{i}"))
         shutil.rmtree(work / f"copy{i}")
     sync_s, blocked_s, total_s, copy_s = min(syncs), min(blocked), min(totals), min(copies)
     print(f"checkpoint {size / 2**20:.0f} MiB, best of {args.repeats}")

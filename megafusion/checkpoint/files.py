@@ -64,7 +64,7 @@ def tensor_entries(path: Path) -> dict[str, dict[str, Any]]:
 def file_digest(path: Path) -> dict[str, Any]:
     """Size and checksum of a finished file (read once), plus tensor shapes/dtypes for safetensors files.
 
-    Writers that produce the bytes themselves hash while writing instead (``tensor_writer``).
+    Writers that produce the bytes themselves hash while writing instead (``shard_writer.write_shard``).
     """
     entry: dict[str, Any] = {"bytes": path.stat().st_size, CHECKSUM: _file_checksum(path, CHECKSUM)}
     if path.suffix == ".safetensors":
@@ -100,10 +100,6 @@ def verify_files(root: Path, rels: list[str], index: dict[str, Any], threads: in
     for rel in rels:  # a missing or truncated file fails at once, before any hashing
         if not (root / rel).is_file() or (root / rel).stat().st_size != index.get(rel, {}).get("bytes"):
             verify_file(root, rel, index)
-    if len(rels) <= 1:
-        for rel in rels:
-            verify_file(root, rel, index)
-        return
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rels)))) as pool:
         for fut in [pool.submit(verify_file, root, rel, index) for rel in rels]:
             fut.result()

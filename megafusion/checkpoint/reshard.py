@@ -1,6 +1,6 @@
 """Re-cut a megafusion checkpoint for another TP x PP (x VPP) layout, optimizer state included.
 
-Input: any checkpoint ``save_checkpoint`` or ``convert_hf_llama`` wrote (or an
+Input: any checkpoint the trainer (``training_state.write_snapshot``) or ``convert_hf_llama`` wrote (or an
 earlier reshard). Output, for every new (tp, pp) shard:
 
     model/tp{t}_pp{p}.safetensors   the trainable weights, cut for the new layout

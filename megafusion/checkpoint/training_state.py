@@ -228,23 +228,6 @@ def remove_stale_saves(save_dir: str | Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def save_checkpoint(
-    save_dir: str | Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer,
-    cfg: Config,
-    extra: dict[str, Any],
-    keep: int = 2,
-) -> Path:
-    """Collective and synchronous: every rank writes its shards; returns the final folder."""
-    if dist.get_rank() == 0:
-        remove_stale_saves(save_dir)
-    dist.barrier()
-    snap = take_snapshot(step, model, optimizer, cfg, extra)
-    return write_snapshot(snap, save_dir, keep)[0]
-
-
 def verify_shared(path: Path, needed: list[str], index: dict[str, Any], shared: list[str]) -> None:
     """Collective: verify the files this rank reads, each shared file by one rank of those that read it.
 

@@ -73,10 +73,6 @@ class CheckpointSaver:
         self._raise()
         return self._result
 
-    @property
-    def in_flight(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     # ------------------------------------------------------------------ the writer
     def _write(self, snap: Snapshot, started: float) -> None:
         try:
