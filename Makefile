@@ -2,7 +2,7 @@
 PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install demo test test-fast lint bench
+.PHONY: install demo test test-fast test-gpu lint bench
 
 install:
 	$(PIP) install -q -e ".[test]"
@@ -18,6 +18,11 @@ test: install
 # Everything but the slow end-to-end tests.
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow" tests
+
+# The GPU tier (tests/gpu): bf16 parity with transformers, FlexAttention vs SDPA, an 8B-width train step,
+# NCCL, cached sampling on CUDA. Run it on a CUDA machine; without CUDA every test is skipped with the reason.
+test-gpu: install
+	$(PYTHON) -m pytest -q -m gpu tests/gpu
 
 # Layering contracts (pyproject.toml [tool.importlinter]) and ruff lint + format check; CI runs it before the tests.
 lint: install

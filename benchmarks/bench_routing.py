@@ -4,14 +4,18 @@
 
 All three variants run the same layer object (the real ``FusionLayer`` on
 megatron-core shards, one-rank gloo group, fp32 CPU) on the same tokens and
-the same hybrid mask, interleaved run by run so machine drift hits all alike:
+the same hybrid mask, interleaved run by run so machine drift hits all alike.
+Each run starts with ``prepare`` on a batch that carries its routing plan
+(``FusionBatch.route_plan``, built on the CPU as the data loader builds it), as a
+training forward does: the routes cost no device-to-host sync, only the gathers.
 
   dense   : every token through the text tower (one tower; what a plain Llama layer costs)
   routed  : 50/50 text/image tokens, each through its own tower (megafusion)
   select  : both towers on every token, then torch.where by modality (the naive approach)
 
 Both towers are trainable here so dense and routed do the same backward work.
-Prints the median times and the ratios routed/dense (target <= 1.10) and select/dense.
+Prints the median times and the ratios routed/dense (target <= 1.02) and select/dense, and the
+routed/dense ratio of the fastest runs (less sensitive to other load on a shared machine).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from megafusion.model.attention_core import shared_attention  # noqa: E402
 from megafusion.model.batch import FusionBatch  # noqa: E402
 from megafusion.model.norm import rms_norm  # noqa: E402
 from megafusion.model.rope import apply_rope  # noqa: E402
+from megafusion.model.routing import RoutePlan  # noqa: E402
+
+TARGET = 1.02  # routed/dense, issue 17
 
 
 def build(hidden: int, heads: int, kv_heads: int, ffn: int) -> LlamaFusion:
@@ -48,10 +55,9 @@ def build(hidden: int, heads: int, kv_heads: int, ffn: int) -> LlamaFusion:
         rope_scaling=RopeScalingConfig("llama3", 8.0, 1.0, 4.0, 8192),
         boi_token_id=1022,
         eoi_token_id=1023,
-        params_dtype="float32",
         image=ImageConfig(image_size=32, vae_downsample=4, patch_size=2, unet_channels=32, timestep_embed_dim=64),
     )
-    model = LlamaFusion(cfg)
+    model = LlamaFusion(cfg, params_dtype="fp32")
     model.init_random_text_tower(seed=0)
     model.init_image_tower_from_text()
     with torch.no_grad():
@@ -63,7 +69,8 @@ def build(hidden: int, heads: int, kv_heads: int, ffn: int) -> LlamaFusion:
 
 
 def make_batch(tokens: int, image_tokens: int, all_text: bool) -> FusionBatch:
-    """One row of `tokens`; alternating text runs and images of `image_tokens` (50/50 overall)."""
+    """One row of `tokens`; alternating text runs and images of `image_tokens` (50/50 overall), with the
+    routing plan the loader ships."""
     ids = torch.randint(0, 1000, (1, tokens))
     image_ids = torch.full((1, tokens), -1)
     if not all_text:
@@ -71,17 +78,27 @@ def make_batch(tokens: int, image_tokens: int, all_text: bool) -> FusionBatch:
         for start in range(image_tokens, tokens, 2 * image_tokens):
             image_ids[0, start : start + image_tokens] = n
             n += 1
-    return FusionBatch(ids, image_ids)
+    return FusionBatch(ids, image_ids, route_plan=RoutePlan.build(image_ids))
 
 
-def routed_step(model, x, state):
+def prepared(model, batch: FusionBatch, mask):
+    """``prepare`` as in a training forward (routes from the shipped plan), then the shared mask."""
+    state = model.prepare(batch)
+    assert state.inputs.routes.full is batch.route_plan.full  # the plan was used, nothing rebuilt
+    state.inputs.mask = mask  # identical attention work for every variant
+    return state
+
+
+def routed_step(model, x, batch, mask):
+    state = prepared(model, batch, mask)
     y = model.layers["0"](x, state.inputs)
     y.square().mean().backward()
 
 
-def select_step(model, x, state, is_image):
+def select_step(model, x, batch, mask):
     """Both towers on all N tokens, pick per token: the approach routing avoids."""
-    layer, inp = model.layers["0"], state.inputs
+    state = prepared(model, batch, mask)
+    layer, inp, is_image = model.layers["0"], state.inputs, state.is_image
     s, b, d = inp.seq_len, inp.batch_size, layer.head_dim
     h = x.reshape(-1, x.shape[-1])
     sel = is_image[:, None]
@@ -121,15 +138,14 @@ def main() -> None:
     model = build(args.hidden, args.heads, args.kv_heads, args.ffn)
     x = torch.randn(args.tokens, 1, args.hidden)
     mixed = make_batch(args.tokens, args.image_tokens, all_text=False)
-    dense_batch = FusionBatch(mixed.input_ids, torch.full_like(mixed.image_ids, -1))
-    st_mixed, st_dense = model.prepare(mixed), model.prepare(dense_batch)
-    st_dense.inputs.mask = st_mixed.inputs.mask  # identical attention work for every variant
-    is_image = st_mixed.is_image
-    frac = is_image.float().mean().item()
+    text_ids = torch.full_like(mixed.image_ids, -1)
+    dense_batch = FusionBatch(mixed.input_ids, text_ids, route_plan=RoutePlan.build(text_ids))
+    mask = model.prepare(mixed).inputs.mask
+    frac = mixed.route_plan.full.num_image / args.tokens
     variants = {
-        "dense": lambda: routed_step(model, x, st_dense),
-        "routed": lambda: routed_step(model, x, st_mixed),
-        "select": lambda: select_step(model, x, st_mixed, is_image),
+        "dense": lambda: routed_step(model, x, dense_batch, mask),
+        "routed": lambda: routed_step(model, x, mixed, mask),
+        "select": lambda: select_step(model, x, mixed, mask),
     }
     print(
         f"one layer: hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, ffn {args.ffn}, "
@@ -147,8 +163,10 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"  {k:<7} fwd+bwd {v * 1000:8.1f} ms  (runs: {', '.join(f'{t * 1000:.0f}' for t in times[k])})")
-    print(f"ratio routed/dense = {med['routed'] / med['dense']:.3f}   (target <= 1.10)")
+    best = {k: min(v) for k, v in times.items()}
+    print(f"ratio routed/dense = {med['routed'] / med['dense']:.3f}   (target <= {TARGET}; routing plan shipped)")
     print(f"ratio select/dense = {med['select'] / med['dense']:.3f}")
+    print(f"fastest runs: routed/dense = {best['routed'] / best['dense']:.3f}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@
 #   MEGAFUSION_LOAD       converted/resharded checkpoint to start from (checkpoint.load)
 #   RUN_DIR               run folder: metrics, config.yaml, checkpoints/, git revision
 #   MASTER_PORT           rendezvous port (default: derived from the job id)
+#   MEGAFUSION_RENDEZVOUS_HOST  rendezvous host (default: the first host of the allocation, by the name
+#                         `scontrol show hostnames` gives; set it where that name does not reach the nodes)
+#   GLOO_SOCKET_IFNAME    interface for gloo (CPU ranks, and the gloo side groups); default: the interface
+#                         that holds the rendezvous host's address on that host (the batch shell runs there),
+#                         assumed to be named alike on every node; unset when that address is loopback
+#   NCCL_SOCKET_IFNAME    interfaces for NCCL's socket traffic (default ^lo,docker0: any but those)
+#   NCCL_DEBUG, NCCL_IB_TIMEOUT, OMP_NUM_THREADS      (defaults below)
+# Nothing else is read: the multi-node test (tests/e2e/test_slurm_multinode.py) sets only these.
 # Preemption: SLURM sends USR1 to this shell 600 s before the time limit (--signal=B:USR1@600),
 # room for the step in flight plus a 70B checkpoint save.
 # The trap forwards it to srun (which forwards it to every rank); the trainer saves a
@@ -23,8 +31,17 @@ mkdir -p "$RUN_DIR"
 
 # Rendezvous: the first host of the allocation; every srun task maps SLURM_PROCID/NTASKS/LOCALID
 # to RANK/WORLD_SIZE/LOCAL_RANK itself (megafusion.parallel.process_groups.init_distributed).
-MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MASTER_ADDR="${MEGAFUSION_RENDEZVOUS_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
 export MASTER_ADDR
+# gloo binds the address its hostname resolves to unless told an interface: 127.0.1.1 on a stock Debian
+# /etc/hosts, which no other node can reach. Take the interface of the rendezvous address instead.
+if [[ -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
+  RDZV_IP="$(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | awk 'NR == 1 {print $1}' || true)"
+  RDZV_IF="$(ip -o -4 addr show 2>/dev/null | awk -v ip="$RDZV_IP" '{split($4, a, "/")} a[1] == ip {print $2; exit}' || true)"
+  if [[ -n "$RDZV_IF" && "$RDZV_IP" != 127.* ]]; then
+    export GLOO_SOCKET_IFNAME="$RDZV_IF"
+  fi
+fi
 export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 
 # What a GPU cluster needs; harmless on CPU nodes (gloo ignores NCCL_*).
@@ -69,7 +86,7 @@ requeue() {
 }
 trap requeue USR1
 
-echo "[slurm] ${SLURM_NTASKS} tasks on ${SLURM_JOB_NUM_NODES} node(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}: launcher.train ${ARGS[*]}"
+echo "[slurm] ${SLURM_NTASKS} tasks on ${SLURM_JOB_NUM_NODES} node(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT} (gloo interface ${GLOO_SOCKET_IFNAME:-by hostname}): launcher.train ${ARGS[*]}"
 srun --kill-on-bad-exit=1 python -m launcher.train "${ARGS[@]}" &
 SRUN_PID=$!
 wait "$SRUN_PID"

@@ -6,7 +6,10 @@
     srun python -m launcher.train --config llama3-70b-fusion ...      (RANK/WORLD_SIZE from SLURM_*)
 
 The config is loaded and validated (against the world size from torchrun/srun)
-before any process group or model exists. NCCL is used with CUDA, gloo without.
+before any process group or model exists. ``parallel.device`` / ``parallel.params_dtype`` /
+``parallel.backend`` choose the placement (auto: CUDA, bf16 and NCCL when CUDA is available;
+the CPU, fp32 and gloo without); a setting this rank cannot honour (``cuda`` without CUDA,
+LOCAL_RANK beyond the visible GPUs) stops it with one line before any process group exists.
 A run resumes from ``<checkpoint.save>/latest`` when it exists; SIGTERM/SIGUSR1
 save a checkpoint and exit cleanly (exit code 0). They are caught from the start: one that
 arrives before the first step (imports, rendezvous, model build, resume) exits 0 without a
@@ -20,20 +23,6 @@ import os
 import sys
 import time
 from pathlib import Path
-
-
-def _world_size() -> int:
-    for key in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 1
-
-
-def _rank() -> int:
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
 
 
 def check_base_llama(cfg) -> None:
@@ -85,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from megafusion.config import ConfigError, dump_config, load_config, validate_config
+    from megafusion.parallel.rank_env import node_address, rank_env
 
-    world = _world_size()
+    ranks = rank_env()  # torchrun's RANK/WORLD_SIZE, or srun's SLURM_PROCID/SLURM_NTASKS (parallel/rank_env.py)
+    world = ranks.world_size
     try:
         cfg = validate_config(load_config(args.config, args.overrides), world_size=world)
         check_base_llama(cfg)
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     run_dir = Path(cfg.logging.run_dir)
-    rank = _rank()
+    rank = ranks.rank
     if rank == 0:
         dump_config(cfg, run_dir / "config.yaml")
         print(
@@ -110,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from megafusion.demo.tiny_llama import write_random_hf_llama
-    from megafusion.parallel.process_groups import default_backend, init_model_parallel
+    from megafusion.parallel.process_groups import init_model_parallel
     from megafusion.training.trainer import NonFiniteError, Trainer
 
     hf_dir = cfg.checkpoint.hf_llama
@@ -123,7 +114,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg.parallel.tensor_parallel,
         cfg.parallel.pipeline_parallel,
         cfg.parallel.virtual_pipeline_stages,
-        backend=default_backend(),
+        backend=cfg.parallel.backend,
+        device=cfg.parallel.device,
+        params_dtype=cfg.parallel.params_dtype,
+        timeout_s=cfg.parallel.collective_timeout_s,
+    )
+    # one line per rank: where it ran (a multi-node run shows every node and the address gloo/NCCL use)
+    host, addr = node_address()
+    print(
+        f"[launcher] rank {rank}/{world} local {ranks.local_rank} on {host} ({addr}), "
+        f"rendezvous {os.environ.get('MASTER_ADDR', '-')}:{os.environ.get('MASTER_PORT', '-')}",
+        flush=True,
     )
     dist.barrier()
     if rank == 0:

@@ -27,17 +27,41 @@ from megafusion.model.llamafusion import LlamaFusionModel
 from megafusion.parallel.process_groups import ParallelContext, init_model_parallel
 
 
-def one_process_context() -> ParallelContext:
-    """The parallel context of this process: megatron-core's groups, set up at world size 1 if none exist yet."""
-    init_model_parallel(1, 1)
-    return ParallelContext.current()
+def one_process_context(params_dtype: str | None = None, device: str = "auto") -> ParallelContext:
+    """The parallel context of this process: megatron-core's groups, set up at world size 1 if none exist yet.
+
+    ``params_dtype`` / ``device`` are ``parallel.params_dtype`` / ``parallel.device`` values (None / 'auto':
+    bf16 on CUDA, fp32 on the CPU); the device is fixed by the first call of the process.
+    """
+    init_model_parallel(1, 1, device=device)
+    return ParallelContext.current(params_dtype=params_dtype)
+
+
+def _context(pctx: ParallelContext | None, params_dtype: str | None, device: str) -> ParallelContext:
+    if pctx is None:
+        return one_process_context(params_dtype, device)
+    if params_dtype is not None or device != "auto":
+        raise ValueError("pass either pctx or params_dtype/device: a given ParallelContext carries its own")
+    return pctx
 
 
 class LlamaFusion(LlamaFusionModel):
-    """A LlamaFusion for one process (or one TP rank, given ``pctx``), with loading and generation methods."""
+    """A LlamaFusion for one process (or one TP rank, given ``pctx``), with loading and generation methods.
 
-    def __init__(self, cfg: ModelConfig, pctx: ParallelContext | None = None, **kwargs):
-        super().__init__(cfg, pctx if pctx is not None else one_process_context(), **kwargs)
+    Every method takes inputs on any device (CPU ids, fp32 latents) and moves them to the model's
+    device and dtype; outputs come back on the model's device.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        pctx: ParallelContext | None = None,
+        *,
+        params_dtype: str | None = None,
+        device: str = "auto",
+        **kwargs,
+    ):
+        super().__init__(cfg, _context(pctx, params_dtype, device), **kwargs)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -48,20 +72,31 @@ class LlamaFusion(LlamaFusionModel):
         image: ImageConfig | None = None,
         pctx: ParallelContext | None = None,
         seed: int = 1234,
+        params_dtype: str | None = None,
+        device: str = "auto",
         **model_overrides,
     ) -> LlamaFusion:
         """Build from a HF Llama directory: text tower loaded (and frozen), image tower a copy.
 
-        In a plain Python process this sets up a one-rank process group itself;
+        In a plain Python process this sets up a one-rank process group itself (``params_dtype``:
+        'bf16' / 'fp32', default bf16 on CUDA and fp32 on the CPU; ``device``: 'cuda' / 'cpu');
         inside an initialised TP group each rank loads only its shard.
         """
         cfg = model_config_from_hf(read_hf_config(path), image=image, **model_overrides)
-        return build_llamafusion(cfg, pctx if pctx is not None else one_process_context(), path, seed=seed, cls=cls)
+        return build_llamafusion(cfg, _context(pctx, params_dtype, device), path, seed=seed, cls=cls)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, pctx: ParallelContext | None = None, seed: int = 1234) -> LlamaFusion:
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        pctx: ParallelContext | None = None,
+        seed: int = 1234,
+        params_dtype: str | None = None,
+        device: str = "auto",
+    ) -> LlamaFusion:
         """Load a directory written by ``tools/export_hf.py``: the HF text tower plus the trained image side."""
-        return load_exported(path, pctx if pctx is not None else one_process_context(), seed=seed, cls=cls)
+        return load_exported(path, _context(pctx, params_dtype, device), seed=seed, cls=cls)
 
     # ------------------------------------------------------------------ generation (megafusion.inference)
     def generate_text(self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False, **kw):
@@ -81,7 +116,9 @@ class LlamaFusion(LlamaFusionModel):
         return generate.generate_interleaved(self, input_ids, **kw)
 
 
-def load_for_inference(path: str | Path, pctx: ParallelContext | None = None) -> Loaded:
+def load_for_inference(
+    path: str | Path, pctx: ParallelContext | None = None, *, params_dtype: str | None = None, device: str = "auto"
+) -> Loaded:
     """An exported directory, a checkpoint folder or a save dir with ``latest``, as a :class:`LlamaFusion`
     (``megafusion.inference.load.load_for_inference`` with this module's class and one-process default)."""
-    return _load_for_inference(path, pctx if pctx is not None else one_process_context(), cls=LlamaFusion)
+    return _load_for_inference(path, _context(pctx, params_dtype, device), cls=LlamaFusion)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -22,6 +23,10 @@ MARK = "# written by megafusion tests/slurm_cluster.py"
 
 class Unavailable(RuntimeError):
     pass
+
+
+_STARTED: list[int] = []
+"""Pids of the daemons start() started (munged, slurmctld, slurmd), for stop(); ones it reused are not here."""
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -54,6 +59,55 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubsc
 """
 
 
+MUNGE_PID = Path("/run/munge/munged.pid")
+
+
+def start_munge() -> int | None:
+    """Start ``munged`` as user munge unless one runs; return the pid of the one started here (None: reused).
+
+    Every SLURM daemon of every test cluster, in any network namespace, authenticates through this one
+    munged: its socket lives on the filesystem (/run/munge), which the namespace nodes share.
+    """
+    for d in ("/run/munge", "/var/log/munge", "/var/lib/munge"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        shutil.chown(d, "munge", "munge")
+    if not Path("/etc/munge/munge.key").exists():
+        r = _run(["/usr/sbin/mungekey", "--create"])
+        if r.returncode:
+            raise Unavailable(f"mungekey --create failed: {r.stderr.strip()}")
+        shutil.chown("/etc/munge/munge.key", "munge", "munge")
+    if not _run(["pgrep", "-x", "munged"]).returncode:
+        return None
+    r = _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"])
+    if r.returncode:
+        raise Unavailable(f"munged did not start: {r.stderr.strip()}")
+    deadline = time.time() + 10
+    while not MUNGE_PID.is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    return int(MUNGE_PID.read_text().split()[0]) if MUNGE_PID.is_file() else None
+
+
+def stop_pid(pid: int | None, timeout: float = 15.0) -> None:
+    """SIGTERM ``pid``, SIGKILL it after ``timeout`` s; a pid already gone is fine."""
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def node_state() -> str:
     r = _run(["sinfo", "-h", "-o", "%T"])
     return r.stdout.strip() if r.returncode == 0 else ""
@@ -73,30 +127,20 @@ def start() -> dict:
         raise Unavailable(f"{CONF} exists and was not written by these tests; not touching a real cluster")
     CONF.parent.mkdir(parents=True, exist_ok=True)
     CONF.write_text(_conf(host, cpus))
-    for d, owner in (
-        ("/run/munge", "munge"),
-        ("/var/log/munge", "munge"),
-        ("/var/lib/munge", "munge"),
-        ("/var/spool/slurmctld", "root"),
-        ("/var/spool/slurmd", "root"),
-        ("/var/log/slurm", "root"),
-    ):
+    for d in ("/var/spool/slurmctld", "/var/spool/slurmd", "/var/log/slurm"):
         Path(d).mkdir(parents=True, exist_ok=True)
-        shutil.chown(d, owner, owner)
-    if not Path("/etc/munge/munge.key").exists():
-        r = _run(["/usr/sbin/mungekey", "--create"])
-        if r.returncode:
-            raise Unavailable(f"mungekey --create failed: {r.stderr.strip()}")
-        shutil.chown("/etc/munge/munge.key", "munge", "munge")
-    if _run(["pgrep", "-x", "munged"]).returncode:
-        r = _run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"])
-        if r.returncode:
-            raise Unavailable(f"munged did not start: {r.stderr.strip()}")
+    munged = start_munge()
+    if munged is not None:
+        _STARTED.append(munged)
     for daemon in ("slurmctld", "slurmd"):
         if _run(["pgrep", "-x", daemon]).returncode:
+            started = time.time()
             r = _run([f"/usr/sbin/{daemon}"])
             if r.returncode:
                 raise Unavailable(f"{daemon} did not start: {r.stderr.strip()} (see /var/log/slurm/{daemon}.log)")
+            pid = _daemon_pid(Path(f"/run/{daemon}.pid"), since=started)
+            if pid is not None:
+                _STARTED.append(pid)
     deadline = time.time() + 60
     while time.time() < deadline:
         state = node_state()
@@ -106,6 +150,25 @@ def start() -> dict:
             _run(["scontrol", "update", f"NodeName={host}", "State=RESUME"])
         time.sleep(1)
     raise Unavailable(f"the SLURM node never became idle (state {node_state()!r}; /var/log/slurm/*.log)")
+
+
+def _daemon_pid(pidfile: Path, since: float, timeout: float = 10.0) -> int | None:
+    """The pid a daemon wrote to ``pidfile`` after ``since``: its parent returns before the file is written."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if pidfile.stat().st_mtime >= since - 1:
+                return int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+        time.sleep(0.1)
+    return None
+
+
+def stop() -> None:
+    """Stop, by pid and newest first, the daemons start() started; a cluster it found running stays up."""
+    while _STARTED:
+        stop_pid(_STARTED.pop())
 
 
 def job_state(job_id: str) -> str:

@@ -6,6 +6,7 @@
     python tools/sample.py --checkpoint exported/ --vae vae/ --images a.png b.png --out samples/
     python tools/sample.py --checkpoint exported/ --text "The capital of France is" --out samples/
     torchrun --nproc_per_node 2 tools/sample.py --tp 2 ...        # tensor parallel (NCCL on GPUs, gloo on CPU)
+    srun --ntasks 2 python tools/sample.py --tp 2 ...             # the same under SLURM (SLURM_PROCID/NTASKS)
 
 --checkpoint is a tools/export_hf.py directory, a checkpoint folder, or a save directory with a
 `latest` pointer. Writes into --out: images.png (the samples, each prompt under its image),
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -45,6 +45,10 @@ def _args(argv):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=16, help="prompts/images per forward batch")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= the number of processes)")
+    ap.add_argument(
+        "--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="parameter dtype (auto: bf16 on CUDA)"
+    )
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA when available")
     return ap.parse_args(argv)
 
 
@@ -100,10 +104,13 @@ def main(argv=None) -> int:
     if missing:
         print(f"error: --images: no such file(s): {missing}", file=sys.stderr)
         return 2
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from megafusion.parallel.rank_env import rank_env
+
+    world = rank_env().world_size  # torchrun's WORLD_SIZE or srun's SLURM_NTASKS, as launcher.train reads it
     if args.tp != world:
         print(
-            f"error: --tp {args.tp} needs exactly {args.tp} processes (torchrun --nproc_per_node {args.tp}); "
+            f"error: --tp {args.tp} needs exactly {args.tp} processes (torchrun --nproc_per_node {args.tp} "
+            f"or srun --ntasks {args.tp}); "
             f"this run has {world}",
             file=sys.stderr,
         )
@@ -115,13 +122,18 @@ def main(argv=None) -> int:
     from megafusion.data.latent_cache import CacheOptions, encode_images, load_vae, preprocess
     from megafusion.inference.generate import caption, generate_images, generate_text
     from megafusion.inference.load import load_for_inference
+    from megafusion.parallel.placement import PlacementError
     from megafusion.parallel.process_groups import ParallelContext, init_distributed, init_model_parallel
 
-    init_distributed()
-    init_model_parallel(args.tp, 1)
+    try:
+        init_distributed(device=args.device)
+    except PlacementError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    init_model_parallel(args.tp, 1, device=args.device)
     rank0 = torch.distributed.get_rank() == 0
     try:
-        loaded = load_for_inference(args.checkpoint, ParallelContext.current())
+        loaded = load_for_inference(args.checkpoint, ParallelContext.current(params_dtype=args.dtype))
         tok = _tokenizer(args, loaded)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -203,7 +203,7 @@ def load_exported(path: str | Path, pctx: ParallelContext, *, seed: int = 1234, 
         raise ValueError(
             f"{path}: no {CONFIG_FILE}, so no trained image tower; for a plain HF Llama use LlamaFusion.from_hf_llama"
         )
-    mcfg = config_from_dict({"model": json.loads(cfg_file.read_text())["model"]}).model
+    mcfg = config_from_dict({"model": json.loads(cfg_file.read_text())["model"]}, str(cfg_file)).model
     model = build_llamafusion(mcfg, pctx, path, seed=seed, cls=cls)
     load_image_side(model, path / IMAGE_FILE)
     return model

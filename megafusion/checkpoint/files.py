@@ -129,7 +129,7 @@ def read_checkpoint_files(path: str | Path) -> tuple[dict[str, Any], dict[str, A
         raise CheckpointError(f"{path}: no {INDEX} (written by an older megafusion); cannot verify its shards")
     meta = json.loads((path / "meta.json").read_text())
     index = json.loads((path / INDEX).read_text())
-    return meta, index, config_from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    return meta, index, config_from_dict(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
 
 
 def latest_checkpoint(save_dir: str | Path) -> Path | None:

@@ -20,6 +20,7 @@ from megafusion.checkpoint.tp_layout import (
     vocab_shard,
     vocab_unshard,
 )
+from megafusion.parallel.grads import accumulated_grad
 
 REPLICA = "skip_encoder_replica"
 """Module name of the last pipeline stage's tied copy of the U-Net down-sampler (``training.stages``):
@@ -52,7 +53,11 @@ def gather_full(model, which: Literal["param", "grad"] = "param") -> dict[str, t
     pctx, cfg = model.pctx, model.cfg
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        t = p.detach() if which == "param" else (p.grad if p.grad is not None else torch.zeros_like(p))
+        if which == "param":
+            t = p.detach()
+        else:  # the step's summed gradient (fp32 under bf16 training), zeros where none
+            g = accumulated_grad(p)
+            t = g if g is not None else torch.zeros_like(p)
         kind = shard_kind(name)
         if kind == "replicated" or pctx.tp_size == 1 and kind != "vocab":
             out[name] = t.clone()

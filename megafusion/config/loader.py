@@ -11,6 +11,7 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")
 
 
+MOVED_KEYS = {("model", "params_dtype"): ("parallel", "params_dtype")}
+"""Keys an earlier release had elsewhere (old checkpoints' config.yaml, users' YAML): read with a warning."""
+
+
+def _migrate(data: dict, source: str) -> dict:
+    """Move keys of :data:`MOVED_KEYS` to their new place, so an old checkpoint's config.yaml still loads."""
+    for (old_sec, old_key), (new_sec, new_key) in MOVED_KEYS.items():
+        section = data.get(old_sec)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        data = {**data, old_sec: {k: v for k, v in section.items() if k != old_key}}
+        new = data.get(new_sec) if isinstance(data.get(new_sec), dict) else {}
+        if new_key not in new:
+            data[new_sec] = {**new, new_key: section[old_key]}
+        warnings.warn(
+            f"{source}: {old_sec}.{old_key} is now {new_sec}.{new_key}; read it from there (rename the key)",
+            FutureWarning,
+            stacklevel=3,
+        )
+    return data
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -137,7 +160,7 @@ def load_config(name_or_path: str, overrides: Iterable[str] = ()) -> Config:
     because some of them need the world size.
     """
     data = _load_yaml_chain(_resolve_source(name_or_path), seen=())
-    data = _merge(data, parse_overrides(overrides))
+    data = _merge(_migrate(data, name_or_path), _migrate(parse_overrides(overrides), "override"))
     return _build(Config, data)
 
 
@@ -160,8 +183,8 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def config_from_dict(data: dict) -> Config:
-    return _build(Config, data)
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    return _build(Config, _migrate(data, source))
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> Path:

@@ -12,6 +12,12 @@ from dataclasses import dataclass, field
 
 ARCHITECTURES = ("llamafusion", "transfusion")
 """model.architecture values: the recipe, and the paper's one-tower baseline."""
+PARAMS_DTYPES = ("auto", "bf16", "fp32", "bfloat16", "float32")
+"""parallel.params_dtype values (the short names are the documented ones)."""
+DEVICES = ("auto", "cuda", "cpu")
+"""parallel.device values."""
+BACKENDS = ("auto", "nccl", "gloo")
+"""parallel.backend values."""
 
 
 @dataclass
@@ -99,8 +105,6 @@ class ModelConfig:
     """Vocab is padded to a multiple of this times TP; padded logits are masked out."""
     attention_backend: str = "auto"
     """'auto' (FlexAttention on CUDA, SDPA on CPU), 'sdpa' or 'flex'."""
-    params_dtype: str = "auto"
-    """'auto' (bfloat16 with CUDA, float32 without), 'float32' or 'bfloat16'."""
     init_std: float = 0.02
     """Std of random init for weights not loaded from a checkpoint."""
     architecture: str = "llamafusion"
@@ -135,6 +139,18 @@ class ParallelConfig:
     zero_bucket_elements: int = 50_000_000
     """Elements per ZeRO gradient-reduce / parameter-allgather bucket (capped at the trainable count).
     DeepSpeed's default, 5e8, allocates a 1 GB (bf16) bucket on every GPU whatever the model size."""
+    params_dtype: str = "auto"
+    """Parameter (and activation) dtype: 'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16' or 'fp32'
+    ('bfloat16' / 'float32' are accepted). Under bf16, gradients accumulate and reduce in fp32."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cuda' or 'cpu'. A CUDA rank uses device 0 when its task sees one GPU,
+    else device LOCAL_RANK (which must exist)."""
+    backend: str = "auto"
+    """torch.distributed backend: 'auto' (nccl on CUDA, gloo on the CPU), 'nccl' or 'gloo'."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective (or the rendezvous) may wait for the other ranks before this rank fails
+    (torch.distributed's process-group timeout). A lost node otherwise hangs every surviving rank this
+    long before the job ends and can be requeued; lower it where steps and checkpoint saves are short."""
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megafusion.config.loader import ConfigError
-from megafusion.config.schema import ARCHITECTURES, Config, ModelConfig
+from megafusion.config.schema import ARCHITECTURES, BACKENDS, DEVICES, PARAMS_DTYPES, Config, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -193,8 +193,16 @@ def config_problems(cfg: Config, world_size: int | None = None) -> list[str]:
     # enums / token ids
     if m.attention_backend not in ("auto", "sdpa", "flex"):
         errs.append(f"model.attention_backend={m.attention_backend!r} must be auto, sdpa or flex")
-    if m.params_dtype not in ("auto", "float32", "bfloat16"):
-        errs.append(f"model.params_dtype={m.params_dtype!r} must be auto, float32 or bfloat16")
+    if p.params_dtype not in PARAMS_DTYPES:
+        errs.append(f"parallel.params_dtype={p.params_dtype!r} must be auto, bf16 or fp32 (or bfloat16 / float32)")
+    if p.device not in DEVICES:
+        errs.append(f"parallel.device={p.device!r} must be one of {', '.join(DEVICES)}")
+    if p.backend not in BACKENDS:
+        errs.append(f"parallel.backend={p.backend!r} must be one of {', '.join(BACKENDS)}")
+    if not p.collective_timeout_s > 0:
+        errs.append(f"parallel.collective_timeout_s={p.collective_timeout_s} must be > 0 (seconds)")
+    if p.device == "cpu" and p.backend == "nccl":
+        errs.append("parallel.backend=nccl needs CUDA tensors, but parallel.device=cpu (use gloo, or auto)")
     if m.rope_scaling.rope_type not in ("none", "llama3"):
         errs.append(f"model.rope_scaling.rope_type={m.rope_scaling.rope_type!r} must be none or llama3")
     for key, tok in (("model.boi_token_id", m.boi_token_id), ("model.eoi_token_id", m.eoi_token_id)):

@@ -46,7 +46,7 @@ from megafusion.data.loader_state import (
     text_order_rng,
     units_for,
 )
-from megafusion.data.packing import Document, Packer, SpecialTokens, make_document, rows_to_batch
+from megafusion.data.packing import Document, Packer, SpecialTokens, make_document, rows_to_batch, sequence_shards
 from megafusion.model.batch import FusionBatch
 
 
@@ -371,7 +371,7 @@ class SlotReader:
 
     def _emit(self, n: int) -> FusionBatch:
         rows = [self.packer.pop_row() for _ in range(n)]
-        batch = rows_to_batch(rows, self.cfg.data.seq_length, self.sp)
+        batch = rows_to_batch(rows, self.cfg.data.seq_length, self.sp, sequence_shards(self.cfg))
         batch.sample_keys = [d.key for row in rows for d in row if d.latent is not None]
         batch.sample_epochs = [d.epoch for row in rows for d in row if d.latent is not None]
         self.batches += 1

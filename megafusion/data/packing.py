@@ -11,6 +11,10 @@ a document that does not fit in what is left starts the next sequence and the
 tail is padding (its own document, no loss). Loss is taken on text positions
 whose next token is text of the same document, except the one predicting
 <BOI> (the model does not learn to open an image; generation inserts it).
+
+Each batch also carries its routing plan (``FusionBatch.route_plan``), built here on
+the CPU of the loader worker, so the training forward reads no token count back
+from the GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megafusion.config.schema import Config
 from megafusion.model.batch import FusionBatch
+from megafusion.model.routing import RoutePlan
 
 
 @dataclass
@@ -106,8 +112,16 @@ class Packer:
         return self.rows.pop(0)
 
 
-def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens) -> FusionBatch:
-    """Packed rows -> FusionBatch with ids, image/document/position ids, labels, loss mask, clean latents."""
+def sequence_shards(cfg: Config) -> int:
+    """Sequence-parallel shards of the run's residual stream: its TP size under sequence parallelism, else 1
+    (what ``ParallelContext.current`` decides), so a batch's plan holds the local route of every TP rank."""
+    tp = cfg.parallel.tensor_parallel
+    return tp if cfg.parallel.sequence_parallel and tp > 1 else 1
+
+
+def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens, sp_shards: int = 1) -> FusionBatch:
+    """Packed rows -> FusionBatch with ids, image/document/position ids, labels, loss mask, clean latents,
+    and the routing plan for ``sp_shards`` sequence-parallel shards (:func:`sequence_shards`)."""
     b, s = len(rows), seq_length
     ids = torch.full((b, s), sp.pad, dtype=torch.long)
     image_ids = torch.full((b, s), -1, dtype=torch.long)
@@ -141,4 +155,7 @@ def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens
     loss_mask[:, -1] = False
     lat = torch.from_numpy(np.stack(latents).astype(np.float32)) if latents else None
     after = torch.tensor([d.caption_after for row in rows for d in row if d.latent is not None], dtype=torch.bool)
-    return FusionBatch(ids, image_ids, pos, doc_ids, lat, None, labels, loss_mask.float(), caption_after=after)
+    plan = RoutePlan.build(image_ids, sp_shards)  # on the CPU here: no sync in the model's forward
+    return FusionBatch(
+        ids, image_ids, pos, doc_ids, lat, None, labels, loss_mask.float(), caption_after=after, route_plan=plan
+    )

@@ -4,7 +4,8 @@ What the trainer reads when no ``data.path`` is configured (smoke runs, tests). 
 packs documents of the form  caption <BOI> image <EOI>  (image-first with
 probability 1 - data.caption_first_prob; caption dropped with probability
 diffusion.caption_dropout), with per-document positions and loss only on text
-tokens that predict text in the same document.
+tokens that predict text in the same document. Like the loader's, each batch carries its
+routing plan (``FusionBatch.route_plan``), so the training forward reads no size back from the device.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from __future__ import annotations
 import torch
 
 from megafusion.config.schema import Config
+from megafusion.data.packing import sequence_shards
 from megafusion.diffusion.objective import sample_timesteps
 from megafusion.model.batch import FusionBatch
+from megafusion.model.routing import RoutePlan
 
 
 def synthetic_batch(
@@ -65,4 +68,5 @@ def synthetic_batch(
     ls = img.latent_size
     latents = torch.randn(n_img, img.latent_channels, ls, ls, generator=g)
     timesteps = sample_timesteps(cfg.diffusion, n_img, g)
-    return FusionBatch(ids, image_ids, pos, doc, latents, timesteps, labels, loss_mask)
+    plan = RoutePlan.build(image_ids, sequence_shards(cfg))
+    return FusionBatch(ids, image_ids, pos, doc, latents, timesteps, labels, loss_mask, route_plan=plan)

@@ -64,8 +64,8 @@ def sequence_perplexity(logits_of: Callable[[torch.Tensor], torch.Tensor], tok, 
     nll, count = 0.0, 0
     for text in texts:
         ids = torch.tensor([[tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]])
-        logits = logits_of(ids)[0, :-1].double()
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        logits = logits_of(ids)[0, :-1].double()  # on the model's device
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:].to(logits.device), reduction="sum"))
         count += ids.shape[1] - 1
     return math.exp(nll / count)
 

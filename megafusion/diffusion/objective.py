@@ -39,9 +39,15 @@ def noised(
 
 
 def diffusion_mse(pred: torch.Tensor | None, target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in fp32; a zero scalar (on ``like``'s device) when the micro-batch holds no image."""
+    """Mean squared error in fp32; a zero scalar (on ``like``'s device) when the micro-batch holds no image.
+
+    An empty ``pred`` [0, ...] (the up-sampler run on no image, so that ZeRO-2 sees its gradients) gives a
+    zero that keeps it in the graph.
+    """
     if pred is None:
         return like.new_zeros(())
+    if pred.shape[0] == 0:
+        return pred.float().sum() * 0.0
     return F.mse_loss(pred.float(), target.float())
 
 

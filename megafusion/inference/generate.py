@@ -28,6 +28,8 @@ from megafusion.model.kv_cache import KVCache
 
 Prompts = torch.Tensor | Sequence[Sequence[int]]
 
+EOS_CHECK_EVERY = 16  # greedy decoding asks the device whether every row has finished once per this many tokens
+
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
@@ -92,13 +94,26 @@ def _decode(
     top_p: float,
     generator: torch.Generator | None,
     banned: Sequence[int] = (),
+    eos_check_every: int = EOS_CHECK_EVERY,
 ) -> torch.Tensor:
-    """Autoregressive tokens [b, n] after the cached prefix; rows that emitted EOS are padded with EOS."""
+    """Autoregressive tokens [b, n] after the cached prefix; rows that emitted EOS are padded with EOS.
+
+    ``n`` stops at the first token after which every row has emitted EOS (else
+    ``max_new_tokens``). Whether all rows are done is a host sync, so greedy decoding
+    asks only every ``eos_check_every`` tokens; finished rows meanwhile keep emitting
+    EOS (``done`` lives on the device) and the surplus columns are cut at the end, so the
+    result is the same as checking every token. Sampling draws on the host anyway
+    (``next_token``), so it checks every token: its generator then advances exactly as
+    many draws as tokens returned, and a reused generator continues where it did before.
+    """
     if do_sample:
         _need_generator(model, generator, "sampling text")
+    if eos_check_every < 1:
+        raise ValueError(f"eos_check_every must be >= 1, got {eos_check_every}")
+    check_every = 1 if do_sample else eos_check_every
     b = logits.shape[0]
     dev = logits.device
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)  # [b], never read on the host between checks
     out: list[torch.Tensor] = []
     for i in range(max_new_tokens):
         if banned:
@@ -107,9 +122,11 @@ def _decode(
         tok = next_token(logits, do_sample, temperature, top_p, generator)
         if eos_token_id is not None:
             tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
-            done |= tok == eos_token_id
+            done = done | (tok == eos_token_id)
         out.append(tok)
-        if bool(done.all()) or i == max_new_tokens - 1:
+        if i == max_new_tokens - 1:
+            break
+        if eos_token_id is not None and (i + 1) % check_every == 0 and bool(done.all()):
             break
         batch = FusionBatch(
             input_ids=tok[:, None],
@@ -118,7 +135,15 @@ def _decode(
             document_ids=torch.zeros(b, 1, dtype=torch.long, device=dev),
         )
         logits, _ = model.forward_cached(batch, cache)
-    return torch.stack(out, 1) if out else torch.zeros(b, 0, dtype=torch.long, device=dev)
+    if not out:
+        return torch.zeros(b, 0, dtype=torch.long, device=dev)
+    new = torch.stack(out, 1)  # [b, n]
+    if eos_token_id is not None and check_every > 1:
+        # a column of all EOS is the step at which the last row finished (done rows emit only EOS)
+        all_eos = (new == eos_token_id).all(0)  # [n]
+        n = int(torch.where(all_eos.any(), all_eos.int().argmax() + 1, new.shape[1]))  # one sync per call
+        new = new[:, :n]
+    return new
 
 
 @torch.no_grad()
@@ -131,13 +156,18 @@ def generate_text(
     top_p: float = 1.0,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    eos_check_every: int = EOS_CHECK_EVERY,
 ) -> torch.Tensor:
-    """[b, s] prompt ids (same length, no padding) -> [b, s + n]: the prompt then the new tokens, like HF generate."""
+    """[b, s] prompt ids (same length, no padding) -> [b, s + n]: the prompt then the new tokens, like HF generate.
+
+    ``eos_check_every``: tokens between host checks of whether all rows have emitted EOS
+    (greedy; the output does not depend on it, see ``_decode``).
+    """
     _prompt_list(model, input_ids)
     dev = _device(model)
     input_ids = input_ids.to(dev)
     b, s = input_ids.shape
-    cache = KVCache(b)
+    cache = KVCache(b, max_len=s + max(max_new_tokens, 1))  # prompt + new tokens (the last is never fed back)
     logits, _ = model.forward_cached(FusionBatch.text_only(input_ids), cache)
     new = _decode(
         model,
@@ -150,6 +180,7 @@ def generate_text(
         temperature,
         top_p,
         generator,
+        eos_check_every=eos_check_every,
     )
     return torch.cat([input_ids, new], 1)
 
@@ -257,7 +288,8 @@ def generate_images(
     prefix, lengths = _left_padded(seqs, dev)
     dtype = model.params_dtype
     if use_cache:
-        cache = KVCache(len(seqs))
+        # the prefix, then each step's image tokens written as frozen scratch after it
+        cache = KVCache(len(seqs), max_len=prefix.input_ids.shape[1] + model.cfg.image.tokens_per_image)
         model.forward_cached(prefix, cache, logits=False)
         cache.frozen = True
 
@@ -305,13 +337,15 @@ def caption(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    eos_check_every: int = EOS_CHECK_EVERY,
 ) -> list[list[int]]:
     """Clean image latents [n, C, H, W] -> caption ids per image (up to, not including, EOS)."""
     _check_latents(model, latents)
     dev = _device(model)
     n = latents.shape[0]
     cfg = model.cfg
-    cache = KVCache(n)
+    T = cfg.image.tokens_per_image
+    cache = KVCache(n, max_len=2 + T + 1 + max(max_new_tokens, 1))  # <s> <BOI> image <EOI> caption
     head = FusionBatch(
         input_ids=torch.tensor([[bos_token_id, cfg.boi_token_id]] * n, device=dev),
         image_ids=torch.full((n, 2), -1, device=dev),
@@ -323,7 +357,6 @@ def caption(
     logits, _ = model.forward_cached(
         _image_batch(model, latents.to(dev, model.params_dtype), t0, start, [cfg.eoi_token_id]), cache
     )
-    T = cfg.image.tokens_per_image
     new = _decode(
         model,
         cache,
@@ -336,6 +369,7 @@ def caption(
         top_p,
         generator,
         banned=(cfg.boi_token_id, cfg.eoi_token_id),
+        eos_check_every=eos_check_every,
     )
     out = []
     for row in new.tolist():
@@ -375,7 +409,8 @@ def generate_interleaved(
         _need_generator(model, generator, "sampling text")
     cfg = model.cfg
     dev = _device(model)
-    cache = KVCache(1)
+    # the prompt, every fed-back token, and each image with its <EOI> (denoising scratch fits in the latter)
+    cache = KVCache(1, max_len=len(prompt) + max_new_tokens + max_images * (cfg.image.tokens_per_image + 1))
     logits, _ = model.forward_cached(FusionBatch.text_only(torch.tensor([prompt], device=dev)), cache)
     pos, out, images, made = len(prompt), list(prompt), [], 0
     while True:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from megafusion.model.routing import RoutePlan
+
 
 @dataclass
 class FusionBatch:
@@ -37,6 +39,10 @@ class FusionBatch:
     caption_after: torch.Tensor | None = None
     """[n_img] bool, True where the image's caption follows it (an understanding example); the
     trainer caps the noise of those images (``diffusion.understanding_max_timestep``). Not used by the model."""
+    route_plan: RoutePlan | None = None
+    """The token routes of ``image_ids`` (``RoutePlan.build``), computed where the batch is packed so the
+    model's forward reads no size back from the device; None: the model builds them itself (with syncs).
+    It describes ``image_ids``: whoever changes those must drop it (``check`` verifies it)."""
 
     @staticmethod
     def text_only(input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> FusionBatch:
@@ -55,7 +61,8 @@ class FusionBatch:
 
     def to(self, device: torch.device | str) -> FusionBatch:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return FusionBatch(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        movable = (torch.Tensor, RoutePlan)  # the plan's index tensors travel with the batch
+        return FusionBatch(**{k: (v.to(device) if isinstance(v, movable) else v) for k, v in kw.items()})
 
     def check(self, tokens_per_image: int, latent_shape: tuple[int, int, int]) -> None:
         """Raise ValueError naming the field at fault if the batch is inconsistent."""
@@ -64,6 +71,12 @@ class FusionBatch:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != (b, s):
                 raise ValueError(f"FusionBatch.{name} has shape {tuple(t.shape)}, expected {(b, s)} like input_ids")
+        if self.route_plan is not None and not self.route_plan.same_as(
+            RoutePlan.build(self.image_ids, len(self.route_plan.shards) or 1)
+        ):
+            raise ValueError(
+                "FusionBatch.route_plan does not match image_ids (rebuild it, or drop it: route_plan=None)"
+            )
         order = self.image_ids[self.image_ids >= 0]  # row-major order of appearance
         n_img = self.num_images
         if order.numel() == 0:

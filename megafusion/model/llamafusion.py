@@ -45,12 +45,8 @@ from megafusion.model.mask import hybrid_attention_mask
 from megafusion.model.norm import RMSNorm
 from megafusion.model.rope import rope_cos_sin, rope_inv_freq
 from megafusion.model.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear, no_init
-from megafusion.model.routing import Route, Routes
-from megafusion.parallel.megatron_config import (
-    megatron_transformer_config,
-    padded_vocab_size,
-    resolve_params_dtype,
-)
+from megafusion.model.routing import RoutePlan, Routes
+from megafusion.parallel.megatron_config import megatron_transformer_config, padded_vocab_size
 from megafusion.parallel.process_groups import ParallelContext
 
 if TYPE_CHECKING:
@@ -105,11 +101,12 @@ class LlamaFusionModel(nn.Module):
             )
         self.cfg, self.pctx = cfg, pctx
         self.pre_process, self.post_process = pre_process, post_process
-        dtype = resolve_params_dtype(cfg.params_dtype)
+        self.every_param_in_graph = False  # set for ZeRO-2 training (training/stages.py, Routes.with_full_graph)
+        dtype = pctx.params_dtype  # parallel.params_dtype, resolved in parallel/placement.py
         self.params_dtype = dtype
         self.config = megatron_transformer_config(cfg, pctx, dtype, pipeline_parallel)
         self.padded_vocab = padded_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, pctx.tp_size)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = pctx.device
         h, img = cfg.hidden_size, cfg.image
 
         # Replicated (non-TP) trainable modules: every TP rank, and every TP size, starts from identical weights.
@@ -202,26 +199,28 @@ class LlamaFusionModel(nn.Module):
 
         With ``kv_cache`` (inference) the batch holds only the new tokens: the mask is
         their rows against the cached keys then themselves (the same hybrid rule).
+        Routes come from ``batch.route_plan`` when the batch carries one (training batches: the
+        loader built it on the CPU), so no size is read back from the device; else they are built
+        here by the same code, with the syncs that needs.
         """
         batch = batch.with_defaults()
         b, s = batch.input_ids.shape
-        is_image_bs = batch.image_ids >= 0  # [b, s]
-        bi, si = torch.nonzero(is_image_bs, as_tuple=True)  # row-major = image order
-        image_rows = si * b + bi  # rows of the sequence-major [s*b] layout, in image order
-        is_image = is_image_bs.t().reshape(-1)  # [s*b]
-        full = Route.from_modality(is_image, image_rows)
-        if self.pctx.sequence_parallel:
-            n_local = s * b // self.pctx.tp_size
-            local = full.narrow(self.pctx.tp_rank * n_local, n_local, is_image)
-        else:
-            local = full
+        is_image = (batch.image_ids >= 0).t().reshape(-1)  # [s*b] sequence-major
+        plan = batch.route_plan
+        if plan is None:  # inference and user batches: build it here (reads sizes back from the device)
+            plan = RoutePlan.build(batch.image_ids)
+        elif plan.batch_shape != (b, s):
+            raise ValueError(f"FusionBatch.route_plan was built for a {plan.batch_shape} batch, this one is {(b, s)}")
+        routes = plan.routes(self.pctx.sequence_parallel, self.pctx.tp_size, self.pctx.tp_rank, is_image)
+        if self.every_param_in_graph and torch.is_grad_enabled():
+            routes = routes.with_full_graph()  # ZeRO-2: image-side modules run on empty slices (Routes docstring)
         if kv_cache is None:
             mask = AttentionMask.build(batch.document_ids, batch.image_ids, self.cfg.attention_backend)
         else:
             doc, img = kv_cache.key_ids(batch.document_ids, batch.image_ids)  # [b, s_past + s]
             mask = AttentionMask("sdpa", dense=hybrid_attention_mask(doc, img, query_offset=kv_cache.length))
         cos, sin = rope_cos_sin(batch.position_ids, self.inv_freq, self.params_dtype)
-        return ForwardState(LayerInputs(Routes(full, local), mask, cos, sin, s, b, kv_cache), is_image)
+        return ForwardState(LayerInputs(routes, mask, cos, sin, s, b, kv_cache), is_image)
 
     def embed(self, batch: FusionBatch, state: ForwardState) -> tuple[torch.Tensor, list | None]:
         """Text embeddings + image tokens -> residual stream [s_local, b, h] and U-Net skips."""
@@ -236,8 +235,9 @@ class LlamaFusionModel(nn.Module):
         x = x.reshape(s * b, -1)  # [N, h]
         skips = None
         routes = state.inputs.routes
-        if routes.full.num_image:
-            tokens, skips = self.image_in(batch.latents.to(x.dtype), batch.timesteps)  # [n_img, T, h]
+        if routes.full.num_image or routes.full.full_graph:  # (full_graph: no image -> an empty U-Net pass)
+            latents, timesteps = self._image_inputs(batch, x)
+            tokens, skips = self.image_in(latents, timesteps)  # [n_img, T, h]
             text, _ = routes.full.split(x)
             x = routes.full.merge((text, tokens.reshape(-1, tokens.shape[-1])))
         x = x.view(s, b, -1)
@@ -300,15 +300,42 @@ class LlamaFusionModel(nn.Module):
             count = (mask_t > 0).sum()
         pred = None
         if image is not None:
-            n = batch.num_images
-            pred = self.image_out(image.reshape(n, -1, image.shape[-1]), batch.timesteps, skips)
+            n, T = batch.num_images, self.cfg.image.tokens_per_image
+            _, timesteps = self._image_inputs(batch, x)
+            pred = self.image_out(image.reshape(n, T, image.shape[-1]), timesteps, skips)  # n may be 0: full_graph
         return FusionOutput(loss_sum, count, pred)
 
+    def _image_inputs(self, batch: FusionBatch, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents in x's dtype, timesteps) of the batch; empty [0, C, H, W] / [0] when it has none (full_graph)."""
+        if batch.latents is not None:
+            return batch.latents.to(x.dtype), batch.timesteps
+        img = self.cfg.image
+        empty = x.new_zeros(0, img.latent_channels, img.latent_size, img.latent_size)
+        return empty, torch.zeros(0, dtype=torch.long, device=x.device)
+
     # ------------------------------------------------------------------ whole model on one stage
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's parameters live (``parallel.device``)."""
+        return self.pctx.device
+
+    def _placed(self, batch: FusionBatch) -> FusionBatch:
+        """The batch on the model's device, ids as int64 and latents in the parameter dtype.
+
+        The whole-model entry points take inputs as a user has them (CPU ids, fp32 latents from a VAE);
+        the pipeline-stage methods get batches the trainer already placed.
+        """
+        batch = batch.to(self.device)
+        batch.input_ids = batch.input_ids.long()
+        if batch.latents is not None:
+            batch.latents = batch.latents.to(self.params_dtype)
+        return batch
+
     def forward(self, batch: FusionBatch, check: bool = True) -> FusionOutput:
         """Whole model on one pipeline stage: batch -> LM loss and predicted noise."""
         if not (self.pre_process and self.post_process):
             raise RuntimeError("forward() needs the whole model; pipeline stages use embed/run_layers/heads")
+        batch = self._placed(batch)
         if check:
             img = self.cfg.image
             batch.check(img.tokens_per_image, (img.latent_channels, img.latent_size, img.latent_size))
@@ -333,6 +360,9 @@ class LlamaFusionModel(nn.Module):
                 f"input_ids must lie in [0, {self.cfg.vocab_size}); "
                 f"got [{int(input_ids.min())}, {int(input_ids.max())}]"
             )
+        input_ids = input_ids.to(self.device, torch.long)
+        if position_ids is not None:
+            position_ids = position_ids.to(self.device)
         b, s = input_ids.shape
         if self.pctx.sequence_parallel and s % self.pctx.tp_size:
             raise ValueError(
@@ -364,7 +394,7 @@ class LlamaFusionModel(nn.Module):
             raise RuntimeError("cached inference needs the whole model on one pipeline stage (PP=1)")
         if self.pctx.sequence_parallel:
             raise ValueError("cached inference runs without sequence parallelism; build the model with it off")
-        batch = batch.with_defaults()
+        batch = self._placed(batch).with_defaults()
         state = self.prepare(batch, kv_cache)
         x, skips = self.embed(batch, state)
         x = self.run_layers(x, state)  # [s, b, h]
@@ -392,12 +422,13 @@ class LlamaFusionModel(nn.Module):
         """Run the layers on given input embeddings [b, s, h]; tokens with image_ids >= 0 use the
         image tower. Returns the last layer's output [b, s, h] (before the final norm)."""
         b, s, h = inputs_embeds.shape
+        inputs_embeds = inputs_embeds.to(self.device, self.params_dtype)
         batch = FusionBatch(
-            input_ids=torch.zeros(b, s, dtype=torch.long, device=inputs_embeds.device),
+            input_ids=torch.zeros(b, s, dtype=torch.long, device=self.device),
             image_ids=image_ids,
             position_ids=position_ids,
             document_ids=document_ids,
-        )
+        ).to(self.device)
         state = self.prepare(batch)
         x = inputs_embeds.transpose(0, 1).contiguous()  # [s, b, h]
         if self.pctx.sequence_parallel:

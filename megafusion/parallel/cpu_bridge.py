@@ -8,7 +8,8 @@ without CUDA this module gives exactly those megatron-core modules a ``torch``
 whose ``cuda.current_device()`` answers ``"cpu"``, whose tensor factories map
 ``device="cuda"`` to the CPU and whose ``cuda.synchronize()`` is a no-op;
 everything else is the real ``torch``. Nothing changes for any other module, and nothing at all
-changes when CUDA is available: the GPU path is megatron-core's own code.
+changes when CUDA is available (unless the run asks for ``parallel.device=cpu``): the GPU path is
+megatron-core's own code.
 
 The list of patched modules was written against megatron-core 0.16; a different
 version is refused with a clear error rather than silently mis-bridged.
@@ -70,10 +71,11 @@ class _TorchForCpu(types.ModuleType):
         return getattr(torch, name)
 
 
-def install_cpu_bridge() -> bool:
-    """Install the bridge if CUDA is absent; return whether it is active. Idempotent."""
+def install_cpu_bridge(force: bool = False) -> bool:
+    """Install the bridge if CUDA is absent, or if ``force`` (``parallel.device=cpu`` on a CUDA machine);
+    return whether it is active. Idempotent."""
     global _installed
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force and not _installed:
         return False
     if _installed:
         return True

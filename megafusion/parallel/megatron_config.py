@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megafusion.config.schema import ModelConfig
 from megafusion.parallel.process_groups import ParallelContext
-
-
-def resolve_params_dtype(name: str) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA machines, float32 on CPU ones."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 def megatron_transformer_config(
@@ -23,6 +17,7 @@ def megatron_transformer_config(
 
     Weights are never initialised by megatron-core (``perform_initialization=False``):
     the text tower comes from the HF checkpoint and the image tower is copied from it.
+    Where megatron-core allocates them follows ``pctx.device``, not whether the machine has CUDA.
     """
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -34,7 +29,7 @@ def megatron_transformer_config(
         tensor_model_parallel_size=pctx.tp_size,
         pipeline_model_parallel_size=pipeline_parallel,
         sequence_parallel=pctx.sequence_parallel,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=pctx.device.type == "cpu",
         perform_initialization=False,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -49,7 +44,7 @@ def megatron_transformer_config(
         # Batched isend/irecv is only safe with NCCL's grouped semantics: with gloo, and PP=2
         # (prev rank == next rank), an activation and a gradient of equal shape can be matched
         # to the wrong receive. The unbatched path orders sends/receives by rank parity.
-        batch_p2p_comm=torch.cuda.is_available(),
+        batch_p2p_comm=dist.get_backend() == "nccl",
     )
 
 

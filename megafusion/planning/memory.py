@@ -183,7 +183,9 @@ def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction:
         frozen = layers * tower + (vpad * h / t if first else 0) + ((vpad * h / t + h) if last else 0)
         trainable = layers * tower + (2 * h + unet_in if first else 0) + (unet_out if last else 0)
         replica = unet_in if (last and not first and m.image.io == "unet") else 0
-        grads = (trainable + replica) * dtype_bytes / (lay.dp if lay.zero_stage == 2 else 1)
+        # trainable gradients accumulate in fp32 whatever the weights' dtype (training/engine.py); the replica,
+        # outside the optimizer, keeps a plain .grad
+        grads = trainable * 4 / (lay.dp if lay.zero_stage == 2 else 1) + replica * dtype_bytes
         out.append(
             StageMemory(
                 stage=kind,
@@ -191,9 +193,11 @@ def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction:
                 trainable_weights=(trainable + replica) * dtype_bytes,
                 gradients=grads,
                 optimizer=3 * 4 * trainable / lay.dp,
-                bucket=min(cfg.parallel.zero_bucket_elements, trainable) * dtype_bytes,
+                # ZeRO-1 reduces the fp32 accumulation buffers; ZeRO-2's hook bucket holds bf16 grads
+                bucket=min(cfg.parallel.zero_bucket_elements, trainable) * (4 if lay.zero_stage == 1 else dtype_bytes),
                 activations=act,
-                step_transient=(4 + dtype_bytes) * trainable / lay.dp if dtype_bytes != 4 else 0.0,
+                # the reduced fp32 gradient partition and its flat fp32 copy for the master step (bf16 runs)
+                step_transient=8 * trainable / lay.dp if dtype_bytes != 4 else 0.0,
                 grads_during_forward=num_micro > 1,
             )
         )

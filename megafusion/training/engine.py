@@ -9,11 +9,22 @@ created, reached through :class:`MegatronMpu`.
 Gradient accumulation belongs to megatron-core's schedule (several micro-batches
 per step), so DeepSpeed runs with ``gradient_accumulation_steps: 1`` and the
 trainer calls ``engine.allreduce_gradients()`` then ``engine.step()`` once per step.
+
+Under bf16 the gradients accumulate and reduce in fp32 (megatron-core's main-grad idea, in
+DeepSpeed's terms ``data_types.grad_accum_dtype=fp32`` + ``communication_data_type=fp32``): a
+backward hook moves each micro-batch's bf16 gradient into an fp32 ``param.grad_accum``, the
+data-parallel reduction runs on those, and the fp32 master copy is updated from them. At 128
+micro-batches per step a bf16 sum would keep only the leading bits of the late micro-batches.
+DeepSpeed would serve ZeRO-1 with that setting through its ``BF16_Optimizer``, whose state
+layout our checkpoints do not read; :class:`_ZeroOneFp32AccumEngine` keeps ZeRO-1 on the ZeRO
+optimizer, which implements the same fp32 accumulation (its ``grad_accum`` path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +32,7 @@ from megatron.core import parallel_state as ps
 
 from megafusion.checkpoint.gather import REPLICA
 from megafusion.config.schema import Config
+from megafusion.parallel.grads import FP32_ACCUM
 
 
 class MegatronMpu:
@@ -89,10 +101,36 @@ def deepspeed_config(cfg: Config, bf16: bool, num_trainable: int) -> dict[str, A
             "allgather_bucket_size": bucket,
         },
         "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        # fp32 gradient accumulation over the schedule's micro-batches and fp32 DP reduction (module docstring)
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if bf16 else {}),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+@contextlib.contextmanager
+def _zero_one_keeps_zero_optimizer() -> Iterator[None]:
+    """Within: ``deepspeed.initialize`` builds a :class:`_ZeroOneFp32AccumEngine` (it looks the engine class
+    up in its module at call time). Restored on exit, so no other engine in the process changes."""
+    import deepspeed
+    from deepspeed.runtime.constants import BFLOAT16
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION
+
+    class _ZeroOneFp32AccumEngine(DeepSpeedEngine):
+        """bf16 + fp32 grad accumulation + ZeRO-1 -> the ZeRO optimizer, not BF16_Optimizer (module docstring)."""
+
+        def _do_optimizer_sanity_check(self, basic_optimizer):
+            kind = super()._do_optimizer_sanity_check(basic_optimizer)
+            return ZERO_OPTIMIZATION if kind == BFLOAT16 and self.zero_optimization() else kind
+
+    saved = deepspeed.DeepSpeedEngine
+    deepspeed.DeepSpeedEngine = _ZeroOneFp32AccumEngine
+    try:
+        yield
+    finally:
+        deepspeed.DeepSpeedEngine = saved
 
 
 def build_engine(models, cfg: Config):
@@ -101,11 +139,11 @@ def build_engine(models, cfg: Config):
     ``engine.module`` is a ``ModuleList`` of the chunks; the chunks themselves are
     what megatron-core's schedule calls.
     """
-    if not torch.cuda.is_available():
+    model = models if isinstance(models, torch.nn.Module) else torch.nn.ModuleList(models)
+    if next(model.parameters()).device.type == "cpu":  # parallel.device=cpu, also on a CUDA machine
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    model = models if isinstance(models, torch.nn.Module) else torch.nn.ModuleList(models)
     o = cfg.optim
     bf16 = next(model.parameters()).dtype == torch.bfloat16
     opt = torch.optim.AdamW(
@@ -115,13 +153,18 @@ def build_engine(models, cfg: Config):
         eps=o.eps,
         fused=True,  # one kernel per tensor on CUDA and CPU (torch >= 2.4)
     )
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=opt,
-        config=deepspeed_config(cfg, bf16, sum(p.numel() for g in opt.param_groups for p in g["params"])),
-        mpu=MegatronMpu(),
-        dist_init_required=False,
-    )
+    optimized = [p for g in opt.param_groups for p in g["params"]]
+    with _zero_one_keeps_zero_optimizer():
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=opt,
+            config=deepspeed_config(cfg, bf16, sum(p.numel() for p in optimized)),
+            mpu=MegatronMpu(),
+            dist_init_required=False,
+        )
+    if getattr(optimizer, "use_grad_accum_attribute", False):  # bf16: micro-batch grads go to p.grad_accum (fp32)
+        for p in optimized:  # (DeepSpeed has put its fp32 partitions into opt.param_groups by now)
+            setattr(p, FP32_ACCUM, True)
     return engine, optimizer
 
 

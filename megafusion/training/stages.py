@@ -29,7 +29,7 @@ from megafusion.config.schema import Config
 from megafusion.diffusion.objective import diffusion_mse, total_loss
 from megafusion.model.image_io import build_image_io
 from megafusion.model.llamafusion import LlamaFusionModel
-from megafusion.parallel.grads import flat_collective
+from megafusion.parallel.grads import ensure_accumulated_grad, flat_collective
 from megafusion.parallel.layout import layer_ids_for_chunk
 from megafusion.parallel.process_groups import ParallelContext
 
@@ -96,7 +96,6 @@ def build_stage_models(cfg: Config, hf_dir: str, pctx: ParallelContext) -> list[
         eoi_token_id=m.eoi_token_id,
         make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
         attention_backend=m.attention_backend,
-        params_dtype=m.params_dtype,
         architecture=m.architecture,
     )
     for key in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size"):
@@ -123,6 +122,8 @@ def build_stage_models(cfg: Config, hf_dir: str, pctx: ParallelContext) -> list[
             layer_ids=layer_ids_for_chunk(mcfg.num_layers, pp, vpp, pp_rank, chunk),
         )
         core.activation_checkpointing = cfg.parallel.activation_checkpointing
+        # ZeRO-2 reduces in per-parameter backward hooks: every DP rank must fire all of them, in the same order
+        core.every_param_in_graph = cfg.parallel.zero_stage == 2
         if vpp > 1:
             core.config.virtual_pipeline_model_parallel_size = vpp
         stage = StageModule(core, cfg, with_replica=last and not first and mcfg.image.io == "unet")
@@ -138,13 +139,9 @@ def sync_replica_grads(models: list[StageModule]) -> None:
     params = _tied_params(models)
     if params is None:
         return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    grads = [ensure_accumulated_grad(p) for p in params]  # fp32 on the first stage under bf16, the replica's own
     first = ps.is_pipeline_first_stage(ignore_virtual=True)
-    flat_collective(
-        [p.grad for p in params], lambda flat: dist.all_reduce(flat, group=ps.get_embedding_group()), write_back=first
-    )
+    flat_collective(grads, lambda flat: dist.all_reduce(flat, group=ps.get_embedding_group()), write_back=first)
     if not first:  # the replica is not optimized: its weights come from the first stage after the step
         for p in params:
             p.grad = None

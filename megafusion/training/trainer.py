@@ -25,7 +25,12 @@ from megafusion.checkpoint.files import frozen_source_fingerprint, latest_checkp
 from megafusion.checkpoint.training_state import load_checkpoint
 from megafusion.config.schema import Config
 from megafusion.data.stream import LoaderStream, SyntheticStream, TrainItem
-from megafusion.parallel.grads import allreduce_sequence_parallel_grads, average_replicated_grads
+from megafusion.parallel.grads import (
+    allreduce_sequence_parallel_grads,
+    average_replicated_grads,
+    broadcast_replicated_weights,
+    ensure_accumulated_grad,
+)
 from megafusion.parallel.process_groups import ParallelContext
 from megafusion.training.checkpointing import CheckpointSaver
 from megafusion.training.engine import build_engine, optimizer_state_bytes
@@ -45,7 +50,7 @@ class Trainer:
         self.cfg, self.hf_dir = cfg, hf_dir
         self.rank0 = dist.get_rank() == 0
         self._log = log
-        self.pctx = ParallelContext.current(cfg.parallel.sequence_parallel)
+        self.pctx = ParallelContext.current(cfg.parallel.sequence_parallel, cfg.parallel.params_dtype)
         self.models = build_stage_models(cfg, hf_dir, self.pctx)  # one chunk per virtual stage
         self.engine, self.optimizer = build_engine(self.models, cfg)
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -225,6 +230,9 @@ class Trainer:
         skipped = bool(getattr(self.optimizer, "overflow", False))
         if not skipped:
             broadcast_replica_weights(self.models)
+            if cfg.parallel.zero_stage == 2:  # its hooks reduced the grads before average_replicated_grads ran
+                for m in self.models:
+                    broadcast_replicated_weights(m, self.pctx.tp_group)
             grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
             self.nonfinite_run = 0
         else:
@@ -249,17 +257,15 @@ class Trainer:
         """Zeros for every trainable parameter this step gave no gradient (a text-only micro-batch never
         reaches the U-Nets): DeepSpeed reduces only parameters with a gradient, so without this one DP
         rank would issue other collectives than its peers (a crash under gloo, a hang under NCCL).
-        This covers ZeRO-1, which reduces here; ZeRO-2 reduces in backward hooks that a parameter
-        without a gradient never fires, so it still needs every parameter in the graph (issue 17)."""
+        This covers ZeRO-1, which reduces here; ZeRO-2 reduces in backward hooks, which fire for every
+        parameter because its model runs the image side on empty slices (``Routes.with_full_graph``).
+        Under bf16 the zeros are DeepSpeed's fp32 accumulation buffer (``parallel.grads``)."""
         for p in self.trainable_parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            ensure_accumulated_grad(p)
 
     def _poison_grads(self) -> None:
         for p in self.trainable_parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.fill_(float("nan"))
+            ensure_accumulated_grad(p).fill_(float("nan"))
 
     def _reduce_losses(self, reduced: list) -> list[float]:
         """Mean of (loss, lm_loss, diffusion_loss) over micro-batches and DP ranks, known on every rank."""

@@ -211,11 +211,13 @@ def _text_only_rank_worker(rank, world, run_dir, hf_dir, zero):
     return {"losses": torch.tensor([h.loss for h in history]), "weights": weights}
 
 
-@pytest.mark.parametrize("zero", [1])  # ZeRO-2 reduces in backward hooks: see the note in Trainer._fill_missing_grads
+@pytest.mark.parametrize("zero", [1, 2])
 def test_text_only_rank_issues_the_same_collectives(base, tmp_path, zero):
     """DP=2 where one rank's micro-batch holds no image completes (before: DeepSpeed skipped the U-Net
     parameters on that rank only and the ranks' collectives mismatched) and matches one rank running
-    the same two micro-batches."""
+    the same two micro-batches. ZeRO-1 reduces after the schedule (zeros filled in for the missing
+    gradients); ZeRO-2 reduces in backward hooks, which fire on the text-only rank too because the
+    image side runs on empty slices there (``Routes.with_full_graph``)."""
     ref = run_distributed(_text_only_rank_worker, 1, str(tmp_path / "ref"), base, 1)[0]
     got = run_distributed(_text_only_rank_worker, 2, str(tmp_path / "dp2"), base, zero, timeout=180)
     torch.testing.assert_close(got[0]["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
@@ -224,20 +226,23 @@ def test_text_only_rank_issues_the_same_collectives(base, tmp_path, zero):
         torch.testing.assert_close(got[1]["weights"][name], w, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _replica_worker(rank, world, run_dir, hf_dir, perturb):
+def _replica_worker(rank, world, run_dir, hf_dir, perturb, zero=1, dp=1):
     from megafusion.config import load_config
     from megafusion.parallel.process_groups import init_model_parallel
     from megafusion.training.trainer import Trainer
 
-    tp = world
+    tp = world // dp
+    extra = ["parallel.zero_stage=2", f"data.global_batch_size={dp}"] if zero == 2 else []  # ZeRO-2: 1 micro-batch
     cfg = load_config(
-        "tiny", BASE + [f"logging.run_dir={run_dir}", f"parallel.tensor_parallel={tp}", "checkpoint.interval=1000"]
+        "tiny",
+        BASE + [f"logging.run_dir={run_dir}", f"parallel.tensor_parallel={tp}", "checkpoint.interval=1000"] + extra,
     )
     init_model_parallel(tp, 1)
     trainer = Trainer(cfg, hf_dir, log=lambda s: None)
     core = trainer.models[0].core
     name, target = next((n, p) for n, p in core.named_parameters() if n.startswith("image_in.") and p.requires_grad)
     if perturb and rank == 1:  # what a non-deterministic kernel does: a slightly different gradient on one rank
+        # (rank 1 is TP rank 1 of DP rank 0: megatron's TP groups are consecutive ranks)
         target.register_hook(lambda g: g + 1e-3 * torch.randn_like(g))
     history = trainer.run(2)
     return {
@@ -248,12 +253,16 @@ def _replica_worker(rank, world, run_dir, hf_dir, perturb):
     }
 
 
-def test_tp_replicated_parameters_stay_equal_and_count_once(base, tmp_path):
-    """TP=2: a U-Net gradient perturbed on one rank only still leaves both ranks' replicas equal (their grads
-    are averaged over TP); without perturbation the grad norm equals the TP=1 run's (replicas counted once)."""
-    got = run_distributed(_replica_worker, 2, str(tmp_path / "p"), base, True)
+@pytest.mark.parametrize("zero", [1, 2])
+def test_tp_replicated_parameters_stay_equal_and_count_once(base, tmp_path, zero):
+    """TP=2: a U-Net gradient perturbed on one rank only still leaves both ranks' replicas equal (ZeRO-1: their
+    grads are averaged over TP; ZeRO-2, whose hooks reduce them in backward: rank 0's weights are broadcast
+    after the step); without perturbation the grad norm equals the TP=1 run's (replicas counted once).
+    (At this size ZeRO-2 keeps the grads in one bucket until the step, so the averaging alone already
+    holds; the broadcast is what holds when earlier buckets are reduced and freed inside backward.)"""
+    got = run_distributed(_replica_worker, 2, str(tmp_path / "p"), base, True, zero)
     assert torch.equal(got[0]["w"], got[1]["w"]), got[0]["name"]
     assert torch.equal(got[0]["special"], got[1]["special"])
-    ref = run_distributed(_replica_worker, 1, str(tmp_path / "r"), base, False)[0]
-    tp2 = run_distributed(_replica_worker, 2, str(tmp_path / "t"), base, False)
+    ref = run_distributed(_replica_worker, 1, str(tmp_path / "r"), base, False, zero)[0]
+    tp2 = run_distributed(_replica_worker, 2, str(tmp_path / "t"), base, False, zero)
     torch.testing.assert_close(tp2[0]["grad_norms"], ref["grad_norms"], rtol=1e-5, atol=1e-6)

@@ -23,9 +23,14 @@ _RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 @pytest.fixture(scope="module")
 def cluster():
     try:
-        return slurm_cluster.start()
+        info = slurm_cluster.start()
     except slurm_cluster.Unavailable as exc:
+        slurm_cluster.stop()
         pytest.skip(f"no local SLURM cluster: {exc}")
+    try:
+        yield info
+    finally:
+        slurm_cluster.stop()  # the daemons it started; nothing outlives the module
 
 
 def _env(tmp_path: Path, steps: int, interval: int) -> dict:

@@ -37,8 +37,9 @@ def _measure(rank, world, overrides, hf_dir, run_dir):
         (["model.num_layers=8"], 1),
         (["data.seq_length=256"], 1),
         (["parallel.pipeline_parallel=2", "data.micro_batch_size=1"], 2),
+        (["parallel.params_dtype=bf16"], 1),  # bf16 weights, fp32 gradient accumulation
     ],
-    ids=["tiny", "tiny-8-layers", "tiny-seq256", "tiny-pp2"],
+    ids=["tiny", "tiny-8-layers", "tiny-seq256", "tiny-pp2", "tiny-bf16"],
 )
 def test_planner_matches_measured_peak(tmp_path, overrides, world):
     from megafusion.config import load_config
@@ -49,7 +50,8 @@ def test_planner_matches_measured_peak(tmp_path, overrides, world):
     cfg = load_config("tiny", overrides)
     hf = write_random_hf_llama(cfg.model, tmp_path / "hf")
     measured = [r["peak"].item() for r in run_distributed(_measure, world, overrides, str(hf), str(tmp_path / "run"))]
-    stages = stage_memory(cfg, layout_of(cfg, world), dtype_bytes=4)  # CPU runs are fp32
+    dtype_bytes = 2 if cfg.parallel.params_dtype == "bf16" else 4  # CPU runs are fp32 unless asked
+    stages = stage_memory(cfg, layout_of(cfg, world), dtype_bytes=dtype_bytes)
     assert len(stages) == world
     for got, st in zip(measured, stages):  # rank r holds pipeline stage r
         assert abs(st.peak - got) <= 0.15 * got, (st.stage, st.peak / 2**20, got / 2**20)
