@@ -23,10 +23,12 @@ root, no ``ip``/``nsenter``/``unshare``, no SLURM packages; the tests skip and s
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -441,6 +443,215 @@ PartitionName=debug Nodes={self.nodelist} Default=YES MaxTime=INFINITE State=UP 
         self._munge_pid = None
 
     def __enter__(self) -> SlurmNetnsCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class SshNodes:
+    """An sshd on every node of a :class:`NetnsNodes`: machines the way a cluster launcher (``ray up``) expects them.
+
+    Each node gets key-only ssh login as this user (a key pair generated here, ``client_key``) and, in its
+    mount namespace only, what separate machines have of their own: a private home (``base/nodeI/home``
+    bind-mounted over ``$HOME``: what ``ray up`` copies to ``~`` lands per node), a private ``/tmp``
+    (``base/nodeI/tmp``: Ray's session directory and Unix sockets, the local provider's state file) and a
+    copy-on-write view of this Python installation (overlayfs over ``sys.prefix``, the writes kept in
+    ``base/nodeI/python``), so that a node's ``pip install`` cannot change this machine's environment.
+    Everything else, e.g. ``base/shared``, is shared like NFS; ``base`` must therefore not lie under /tmp.
+    The nodes have no route off the bridge: pip is told not to use an index nor build isolation
+    (``PIP_NO_INDEX=1``, ``PIP_NO_BUILD_ISOLATION=0``, pip's inverted spelling of "off") in the node's
+    ``~/.bashrc``, which also puts this Python's ``bin`` first on ``PATH``.
+
+    ``client_home()`` is a home for the machine that runs ``ray up`` (the root namespace), with the key in
+    ``~/.ssh``; ``client_command()`` wraps a command to run there with that home and its own /tmp.
+    """
+
+    def __init__(self, nodes: NetnsNodes, base: Path) -> None:
+        self.nodes, self.base = nodes, Path(base).resolve()
+        if self.base == Path("/tmp") or Path("/tmp") in self.base.parents:
+            raise ValueError(f"{self.base}: under /tmp, which every node replaces with its own")
+        self.home = Path.home()
+        self.user = pwd.getpwuid(os.getuid()).pw_name
+        self.client_key = self.base / "client" / "home" / ".ssh" / "id_ed25519"
+        self._sshd: dict[int, subprocess.Popen] = {}
+
+    @staticmethod
+    def check_available() -> None:
+        for exe in ("/usr/sbin/sshd", "ssh", "ssh-keygen", "rsync"):
+            if shutil.which(exe) is None:
+                raise Unavailable(
+                    f"{exe} not found: bash cluster/install_local_slurm.sh installs openssh-server and rsync"
+                )
+
+    def node_dir(self, i: int) -> Path:
+        return self.base / self.nodes.name(i)
+
+    def node_home(self, i: int) -> Path:
+        """Node i's ``~`` as seen from outside the node."""
+        return self.node_dir(i) / "home"
+
+    def client_home(self) -> Path:
+        return self.base / "client" / "home"
+
+    def client_command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` on the launching machine: HOME is :meth:`client_home`, /tmp is private (``ray up`` keeps its
+        cluster state, config cache and ssh control sockets there), the network is this machine's."""
+        tmp = self.base / "client" / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        steps = []
+        cwd = Path(__file__).resolve().parents[1]  # the checkout, where `ray up` resolves the YAML's `.`
+        if Path("/tmp") in cwd.parents:  # a checkout under /tmp (a CI clone): keep it visible at its own path
+            holder = self.base / "client" / "checkout"
+            holder.mkdir(parents=True, exist_ok=True)
+            steps += [f"mount --bind {cwd} {holder}"]
+            late = [f"mkdir -p {cwd}", f"mount --bind {holder} {cwd}", f"cd {cwd}"]
+        else:
+            late = []
+        steps += [f"mount --bind {tmp} /tmp", *late, f"export HOME={self.client_home()}", 'exec "$@"']
+        return ["unshare", "--mount", "--", "sh", "-c", " && ".join(steps), "sh", *argv]
+
+    def _prefixes(self) -> list[Path]:
+        return list(dict.fromkeys(Path(p).resolve() for p in (sys.prefix, sys.base_prefix)))
+
+    def _boot(self, i: int) -> str:
+        """The node's mounts, then sshd in the foreground (so its pid is the one :meth:`stop` ends)."""
+        d = self.node_dir(i)
+        lines = ["set -e", f"mount --bind {d / 'tmp'} /tmp"]
+        for k, prefix in enumerate(self._prefixes()):
+            up, work = d / "python" / f"upper{k}", d / "python" / f"work{k}"
+            lines.append(f"mount -t overlay overlay -o lowerdir={prefix},upperdir={up},workdir={work} {prefix}")
+            if self.home in prefix.parents:  # keep the Python installation visible under the private home
+                lines.append(f"mount --bind {prefix} {self.node_home(i) / prefix.relative_to(self.home)}")
+        lines.append(f"mount --rbind {self.node_home(i)} {self.home}")
+        lines.append(f"exec /usr/sbin/sshd -D -e -f {d / 'sshd_config'}")
+        return "\n".join(lines)
+
+    def _prepare(self, i: int, pub: str) -> None:
+        d, home = self.node_dir(i), self.node_home(i)
+        shutil.rmtree(d, ignore_errors=True)
+        for sub in ("tmp", "python"):
+            (d / sub).mkdir(parents=True)
+        os.chmod(d / "tmp", 0o1777)
+        for k, prefix in enumerate(self._prefixes()):
+            (d / "python" / f"upper{k}").mkdir()
+            (d / "python" / f"work{k}").mkdir()
+            if self.home in prefix.parents:
+                (home / prefix.relative_to(self.home)).mkdir(parents=True)
+        (home / ".ssh").mkdir(parents=True, exist_ok=True, mode=0o700)
+        (home / ".ssh" / "authorized_keys").write_text(pub)
+        bin_dir = Path(sys.executable).parent
+        (home / ".bashrc").write_text(
+            "# written by tests/netns_cluster.py SshNodes: this machine's Python first; the node is offline\n"
+            f'export PATH="{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"\n'
+            "export PIP_NO_INDEX=1 PIP_NO_BUILD_ISOLATION=0 PIP_DISABLE_PIP_VERSION_CHECK=1\n"
+        )
+        (home / ".profile").write_text('[ -n "$BASH" ] && [ -f ~/.bashrc ] && . ~/.bashrc\n')
+        (d / "sshd_config").write_text(
+            f"""# written by tests/netns_cluster.py SshNodes
+Port 22
+ListenAddress {self.nodes.addr(i)}
+HostKey {self.base / "host_key"}
+PidFile none
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+AuthorizedKeysFile .ssh/authorized_keys
+UsePAM no
+StrictModes no
+UseDNS no
+PrintMotd no
+MaxStartups 100
+MaxSessions 100
+LogLevel ERROR
+Subsystem sftp internal-sftp
+"""
+        )
+
+    def start(self, timeout: float = 30) -> SshNodes:
+        self.check_available()
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
+        keydir = self.client_key.parent
+        shutil.rmtree(self.base / "client", ignore_errors=True)
+        keydir.mkdir(parents=True, mode=0o700)
+        (self.base / "host_key").unlink(missing_ok=True)
+        (self.base / "host_key.pub").unlink(missing_ok=True)
+        for key in (self.client_key, self.base / "host_key"):
+            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key))
+        pub = self.client_key.with_suffix(".pub").read_text()
+        try:
+            for i in range(1, self.nodes.count + 1):
+                self._prepare(i, pub)
+                with open(self.node_dir(i) / "sshd.log", "w") as log:  # the child keeps its own copy
+                    self._sshd[i] = self.nodes.popen(
+                        i, ["sh", "-c", self._boot(i)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                    )
+            for i in range(1, self.nodes.count + 1):
+                self.wait_ssh(i, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def ssh_command(self, i: int, command: str) -> list[str]:
+        return [
+            "ssh",
+            "-i",
+            str(self.client_key),
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            "-o",
+            "LogLevel=ERROR",
+            f"{self.user}@{self.nodes.addr(i)}",
+            command,
+        ]
+
+    def wait_ssh(self, i: int, timeout: float = 30) -> None:
+        """Until ``ssh user@node`` runs a command on node i (its hostname comes back)."""
+        deadline = time.time() + timeout
+        last = ""
+        while time.time() < deadline:
+            proc = self._sshd.get(i)
+            if proc is not None and proc.poll() is not None:
+                log = (self.node_dir(i) / "sshd.log").read_text()[-2000:]
+                raise Unavailable(f"sshd on {self.nodes.name(i)} exited ({proc.returncode}): {log}")
+            r = subprocess.run(self.ssh_command(i, "hostname"), capture_output=True, text=True, timeout=30)
+            if r.returncode == 0 and r.stdout.strip() == self.nodes.name(i):
+                return
+            last = (r.stdout + r.stderr).strip()
+            time.sleep(0.3)
+        raise Unavailable(f"no ssh login on {self.nodes.name(i)} within {timeout:.0f} s: {last}")
+
+    def client_pids(self) -> list[int]:
+        """Processes outside the nodes that use this helper's key: ssh control masters ``ray up`` left."""
+        key = str(self.client_key).encode()
+        out = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if key in argv:
+                out.append(int(d.name))
+        return out
+
+    def stop(self) -> None:
+        """Stop each node's sshd (and with its PID namespace whatever it started) and the ssh clients by pid."""
+        for proc in self._sshd.values():
+            terminate_wrapped(proc, timeout=10)
+        self._sshd.clear()
+        _kill_all(self.client_pids())
+
+    def __enter__(self) -> SshNodes:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -5,8 +5,11 @@
         --vae runs/demo/vae --resolution 32 --batch-size 32 --num-workers 2
     ray job submit --working-dir . -- python tools/precompute_latents.py --input /abs/in/*.tar --output /abs/out \\
         --vae /abs/vae ...
-    ray submit cluster/ray_cluster.yaml tools/precompute_latents.py --address auto \\
-        --input s3://bucket/shard-{000000..000127}.tar ...
+    ray submit cluster/ray_cluster.yaml tools/precompute_latents.py -- --address auto \\
+        --input '/shared/shapes/shapes-{000000..000127}.tar' --output /shared/latents --vae /shared/vae ...
+
+--input takes one or more values: a pattern the tool expands itself, or the shards a shell already expanded
+it into (``ray submit`` runs the command through the head's login shell, which expands braces and globs).
 
 Reruns skip finished shards (completion records) and redo the rest; bad samples are skipped
 and counted by reason in OUTPUT/summary.json.
@@ -23,7 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", required=True, help="shard pattern: path, glob, brace pattern or fsspec URL")
+    ap.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="shard path(s) or pattern(s): path, directory, glob, brace pattern or fsspec URL; several are joined",
+    )
     ap.add_argument("--output", required=True, help="output directory (latent shards, records, summary.json)")
     ap.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
     ap.add_argument("--resolution", type=int, default=256, help="center-crop + resize to this many pixels")

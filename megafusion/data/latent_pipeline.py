@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,10 +39,26 @@ class EncoderWorker:
         self.crash_after, self.crash_shard = crash_after, crash_shard
 
     def process(self, in_url: str, out_path: str) -> dict:
+        """Encode one shard; the record also names the Ray node that did it (``node_id``, ``node_ip``), so a
+        multi-node run can show where its actors ran (logged per shard and counted in the summary)."""
+        import ray
+
         from megafusion.data.latent_cache import process_shard
 
         crash = self.crash_after if self.crash_shard in (None, Path(out_path).name) else None
-        return process_shard(self.vae, in_url, Path(out_path), self.opts, crash)
+        rec = process_shard(self.vae, in_url, Path(out_path), self.opts, crash)
+        node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        return {**rec, "node_id": node_id, "node_ip": ray.util.get_node_ip_address() if node_id else ""}
+
+
+def expand_all(inputs: str | Sequence[str]) -> list[str]:
+    """Every shard of one pattern or of several (``--input`` takes several values: ``ray submit`` runs the tool
+    through the head's login shell, which expands a brace pattern or glob into many arguments); in the given
+    order, each shard once, so that listing a shard twice cannot encode it twice."""
+    patterns = [inputs] if isinstance(inputs, str) else list(inputs)
+    if not patterns:
+        raise FileNotFoundError("--input: no shard pattern given")
+    return list(dict.fromkeys(url for pattern in patterns for url in expand_inputs(pattern)))
 
 
 def _vae_fingerprint(vae_dir: str) -> str:
@@ -81,7 +98,9 @@ def plan(inputs: list[str], out_dir: Path, settings: dict) -> list[tuple[str, Pa
     return pairs
 
 
-def summarize(out_dir: Path, seconds: float, this_run: int) -> dict:
+def summarize(out_dir: Path, seconds: float, this_run: int, nodes: dict | None = None) -> dict:
+    """Totals over every completion record (all runs), plus this run's time, shard count and, per Ray node
+    (``node_ip node_id``), the shards its actors encoded in this run."""
     totals: dict = {"shards_done": 0, "in": 0, "out": 0, "skipped": {}}
     for rec_path in sorted(out_dir.glob("*.done.json")):
         rec = json.loads(rec_path.read_text())
@@ -95,12 +114,13 @@ def summarize(out_dir: Path, seconds: float, this_run: int) -> dict:
     totals["shards_total"] = len(json.loads((out_dir / MANIFEST).read_text())["shards"])
     totals["seconds_this_run"] = round(seconds, 2)
     totals["shards_this_run"] = this_run
+    totals["nodes_this_run"] = dict(sorted((nodes or {}).items()))
     write_text(out_dir / SUMMARY, json.dumps(totals, indent=1, sort_keys=True))
     return totals
 
 
 def run(
-    input_pattern: str,
+    input_pattern: str | Sequence[str],
     output: str,
     vae_dir: str,
     opts: CacheOptions,
@@ -124,7 +144,7 @@ def run(
         "max_pixels": opts.max_pixels,
         "vae_config": _vae_fingerprint(vae_dir),
     }
-    pairs = plan(expand_inputs(input_pattern), out_dir, settings)
+    pairs = plan(expand_all(input_pattern), out_dir, settings)
     todo = [(u, p) for u, p in pairs if not done_record(p).is_file()]
     log(f"[precompute] {len(pairs)} input shards, {len(pairs) - len(todo)} already done, {len(todo)} to encode")
     t0 = time.time()
@@ -151,7 +171,11 @@ def run(
     opts_d = asdict(opts)
 
     def new_actor():
-        return Remote.options(**resources).remote(vae_dir, opts_d, crash_after, crash_shard)
+        # SPREAD: on a multi-node cluster the actors go to different nodes instead of filling the driver's first
+        # (Ray's default packs CPU actors onto one node while it has room); a replacement goes where room is
+        return Remote.options(scheduling_strategy="SPREAD", **resources).remote(
+            vae_dir, opts_d, crash_after, crash_shard
+        )
 
     idle = [new_actor() for _ in range(n)]
     queue = list(todo)
@@ -159,6 +183,7 @@ def run(
     running: dict = {}
     failed: list[str] = []
     images = 0
+    nodes: dict[str, int] = {}  # "node_ip node_id" -> shards encoded there in this run
     bar = tqdm(total=len(todo), unit="shard", desc="encoding", disable=None)
     while queue or running:
         while queue and idle:
@@ -171,6 +196,9 @@ def run(
         try:
             rec = ray.get(ref)
             images += rec.get("out", 0)
+            where = f"{rec.get('node_ip', '')} {rec.get('node_id', '')}".strip()
+            nodes[where] = nodes.get(where, 0) + 1
+            log(f"[precompute] {out.name} encoded on node {where}")
             idle.append(actor)
             bar.update(1)
             bar.set_postfix(images_per_s=f"{images / max(time.time() - t0, 1e-6):.1f}")
@@ -189,7 +217,7 @@ def run(
                 failed.append(url)
             idle.append(new_actor() if died else actor)
     bar.close()
-    summary = summarize(out_dir, time.time() - t0, len(todo) - len(failed))
+    summary = summarize(out_dir, time.time() - t0, len(todo) - len(failed), nodes)
     log(
         f"[precompute] done: {summary['out']} latents from {summary['in']} samples, skipped {summary['skipped']}, "
         f"{images / max(time.time() - t0, 1e-6):.1f} images/s this run; summary {out_dir / SUMMARY}"

@@ -30,12 +30,12 @@ class RankEnv:
     """'torchrun' (RANK/WORLD_SIZE), 'slurm' (SLURM_PROCID/SLURM_NTASKS) or 'single' (neither: one process)."""
 
 
-def _slurm_local_world(env: Mapping[str, str], world: int) -> int:
-    """Tasks on this node. SLURM_NTASKS_PER_NODE is '2' or '2(x3),1' (per node): ask SLURM_TASKS_PER_NODE's
-    entry for this node when uneven, else the first entry; 1 task per node when SLURM says nothing."""
+def _slurm_local_world(env: Mapping[str, str]) -> int:
+    """Tasks on this node: the first entry of SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE ('2' or '2(x3),1'),
+    exact for the even layouts the scripts request (an approximation for uneven ones); 1 when SLURM says nothing."""
     raw = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
     first = raw.split(",")[0].split("(")[0]
-    return int(first) if first.isdigit() else min(world, 1)
+    return int(first) if first.isdigit() else 1
 
 
 def rank_env(env: Mapping[str, str] | None = None) -> RankEnv:
@@ -60,7 +60,7 @@ def rank_env(env: Mapping[str, str] | None = None) -> RankEnv:
             int(env.get("SLURM_PROCID", "0")),
             world,
             int(env.get("SLURM_LOCALID", "0")),
-            _slurm_local_world(env, world),
+            _slurm_local_world(env),
             "slurm",
         )
     return RankEnv(0, 1, int(env.get("LOCAL_RANK", "0")), 1, "single")

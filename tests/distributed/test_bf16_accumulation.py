@@ -131,17 +131,17 @@ def _track_worker(rank, world, run_dir, hf_dir, dtype, steps):
 def test_50_bf16_steps_track_fp32(tmp_path, tiny_hf_for_preset):
     """The bf16 path (bf16 weights and activations, fp32 accumulation, fp32 master) follows the fp32 run.
 
-    Tolerance: each step's loss within 3% of the fp32 run's, and the mean over the last 10 steps within 2%:
-    bf16 activations alone move a 4-layer model's loss by ~0.5%, so a broken update (a bf16 master, a
-    gradient rounded to bf16 every micro-batch, a lost micro-batch) drifts well past it by step 50.
+    Tolerance: each step's loss within 1% of the fp32 run's and the mean of the last 10 within 0.5%
+    (measured on this preset: 0.04% and 0.003%). This checks the bf16 run trains like the fp32 one over
+    many updates; the exactness of the fp32 accumulation is the test above.
     """
     steps = 50
     f32 = run_distributed(_track_worker, 1, str(tmp_path / "fp32"), tiny_hf_for_preset, "fp32", steps)[0]["loss"]
     b16 = run_distributed(_track_worker, 1, str(tmp_path / "bf16"), tiny_hf_for_preset, "bf16", steps)[0]["loss"]
     assert all(math.isfinite(x) for x in b16.tolist())
     rel = ((b16 - f32).abs() / f32).max()
-    assert rel < 0.03, (rel, f32[-5:], b16[-5:])
-    assert abs(b16[-10:].mean() - f32[-10:].mean()) / f32[-10:].mean() < 0.02
+    assert rel < 0.01, (rel, f32[-5:], b16[-5:])
+    assert abs(b16[-10:].mean() - f32[-10:].mean()) / f32[-10:].mean() < 0.005
     assert f32[-10:].mean() < f32[:5].mean() and b16[-10:].mean() < b16[:5].mean()  # both actually learned
 
 

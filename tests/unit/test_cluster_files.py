@@ -15,6 +15,16 @@ def test_ray_cluster_yaml_passes_rays_validation():
     validate_config(prepare_config(cfg))  # what `ray up` runs first; raises on a bad field
     assert any("pip install" in c and "megafusion" in c for c in cfg["setup_commands"])
     assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
+    # what Ray 2.60's local provider needs (tests/e2e/test_ray_multinode.py runs the file): the v1 autoscaler,
+    # which launches the listed workers; one token on every node and token mode on both sides of the join
+    head = next(c for c in cfg["head_start_ray_commands"] if "ray start --head" in c)
+    worker = next(c for c in cfg["worker_start_ray_commands"] if "ray start --address" in c)
+    assert "RAY_enable_autoscaler_v2=0" in head
+    assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in worker
+    # `ray down` stops only the head: a blocking worker start stops the worker's Ray once the head is gone
+    assert "--block" in worker and worker.rstrip().endswith("&") and "RAY_gcs_rpc_server_reconnect_timeout_s" in worker
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert cfg["file_mounts"]["~/megafusion"] == "." and "~/megafusion" in cfg["setup_commands"][0]
 
 
 def test_slurm_scripts_are_valid_bash_with_the_documented_directives():
