@@ -103,9 +103,20 @@ def _worker(fn, rank, world, port, out_dir, args):
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        _leave_together()
     except BaseException:
         Path(out_dir, f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+
+
+def _leave_together() -> None:
+    """Barrier, then tear the process group down, so that no rank exits while a peer still talks to it: a rank
+    whose peer's sockets close under gloo's background threads at interpreter exit can abort (exit code -6)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 300.0) -> list[Any]:
