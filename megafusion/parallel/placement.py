@@ -95,8 +95,3 @@ def resolve_placement(
     """All three settings resolved for this rank (see the module docstring)."""
     dev = resolve_device(device, local_rank)
     return Placement(dev, resolve_params_dtype(params_dtype, dev), resolve_backend(backend, dev))
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The config name of a parameter dtype ('bf16' / 'fp32')."""
-    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]

@@ -24,11 +24,6 @@ _placement: Placement | None = None
 """This process's device and backend, fixed by the first init_distributed (like megatron's parallel_state)."""
 
 
-def default_backend() -> str:
-    """NCCL with CUDA, gloo without (``parallel.backend=auto``)."""
-    return resolve_placement().backend
-
-
 def process_placement() -> Placement:
     """The placement the process group was created with (``auto`` everything before one exists)."""
     return _placement if _placement is not None else resolve_placement()
