@@ -1,6 +1,6 @@
 """The main job on the bundled tiny default, stage by stage (what `make demo` runs).
 
-    python -m launcher.demo [--run-dir runs/demo] [--steps 2000] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
+    python -m launcher.demo [--run-dir runs/demo] [--steps 1000] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
 
 1. the shapes dataset as webdataset shards        (tools/make_shapes_dataset.py)
 2. a small AutoencoderKL: the shipped one        (megafusion/assets/shapes_vae, made by tools/train_vae.py;
@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,13 +37,35 @@ CONVERT_TP = 2  # the issue's layout for the conversion; training may re-cut it
 SHIPPED_VAE = ROOT / "megafusion" / "assets" / "shapes_vae"
 
 
-def _stage(name: str, cmd: list[str]) -> float:
+def _stage(name: str, cmd: list[str], watch=None) -> float:
+    """Run one stage; ``watch`` (a megafusion.demo.progress.TrainingWatch) reports the time left meanwhile."""
     print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT)
+    if watch is not None:
+        watch.start()
+    try:
+        r = subprocess.run(cmd, cwd=ROOT)
+    finally:
+        if watch is not None:
+            watch.stop()
     if r.returncode != 0:
         raise SystemExit(f"[demo] stage '{name}' failed with exit code {r.returncode}")
     return time.time() - t0
+
+
+SAMPLE_EVAL_S = 20.0  # sampling + scoring one model before it has been measured (about 20 s on 2 cores)
+
+
+def _later_s(times: dict[str, float], names: list[str], i: int, steps: int) -> Callable[[float, float], float]:
+    """Seconds of the stages after training model ``names[i]``: its sampling and scoring, then each later
+    model's start-up, ``steps`` steps at the measured rate, sampling and scoring (measured ones reused)."""
+
+    def later(step_s: float, startup_s: float) -> float:
+        done = [times[k] for k in times if k.startswith(("sample ", "evaluate "))]
+        sample_eval = 2 * sum(done) / len(done) if done else SAMPLE_EVAL_S
+        return sample_eval + (len(names) - 1 - i) * (startup_s + steps * step_s + sample_eval)
+
+    return later
 
 
 def _launch(nproc: int) -> list[str]:
@@ -106,6 +129,26 @@ def _sample_cmd(run: Path, model_dir: Path, tp: int, args, prompts: list[str], i
     ]
 
 
+def train_command(run: Path, name: str, config: str, nproc: int, tp: int, run_dir: Path, extra: list[str]) -> list[str]:
+    """The training stage of model ``name`` (llamafusion | transfusion) on the data stages' outputs in ``run``.
+
+    LlamaFusion starts from the converted checkpoint (it holds the recipe's image tower);
+    the Transfusion-style baseline from the base Llama itself, every weight trainable.
+    """
+    start = run / f"converted_tp{tp}"
+    own = {"llamafusion": [f"checkpoint.load={start}"], "transfusion": ["model.architecture=transfusion"]}[name]
+    train = [
+        f"data.path={run / 'data' / 'latents'}/latents-*.tar",
+        f"data.tokenizer={run / 'tokenizer'}",
+        f"logging.run_dir={run_dir}",
+        f"checkpoint.hf_llama={run / 'base_llama'}",
+        f"parallel.tensor_parallel={tp}",
+        *extra,
+        *own,
+    ]
+    return [*_launch(nproc), "-m", "launcher.train", "--config", config, *train]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/demo")
@@ -120,7 +163,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of training (1 = DP over --nproc)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the Transfusion-style baseline")
     ap.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the samples")
-    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the samples")
+    ap.add_argument(
+        "--guidance",
+        type=float,
+        default=2.0,
+        help="classifier-free guidance of the samples (2: at 1000 steps it lifted generation colour / shape "
+        "from 0.77 / 0.67 unguided to 0.90 / 0.78; 3 and 5 were no better)",
+    )
     ap.add_argument(
         "--train-vae",
         action="store_true",
@@ -135,17 +184,30 @@ def main(argv=None) -> int:
         default=60,
         help="prompts and images to score (60 = every colour x shape x position)",
     )
+    ap.add_argument(
+        "--config",
+        default="demo",
+        help="the preset or YAML both models train with (default: demo; benchmarks/bench_demo_train.py "
+        "compares it with the one before issue 19)",
+    )
+    ap.add_argument(
+        "--data-only",
+        action="store_true",
+        help="stop after the data stages (dataset, VAE, base Llama, conversion, latents)",
+    )
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo preset, for both models")
     args = ap.parse_args(argv)
 
     from megafusion.config import load_config, validate_config
+    from megafusion.demo.progress import TrainingWatch
     from megafusion.demo.tokenizer import write_word_tokenizer
 
     run = (ROOT / args.run_dir).resolve()
-    extra = [f"parallel.tensor_parallel={args.tp}"] + ([f"optim.train_steps={args.steps}"] if args.steps else [])
-    extra += args.overrides
-    cfg = validate_config(load_config("demo", extra), world_size=args.nproc)  # fail before any stage runs
-    img = cfg.model.image
+    extra = ([f"optim.train_steps={args.steps}"] if args.steps else []) + args.overrides
+    cfg = validate_config(
+        load_config(args.config, [f"parallel.tensor_parallel={args.tp}", *extra]), world_size=args.nproc
+    )  # fail before any stage runs
+    img, steps = cfg.model.image, cfg.optim.train_steps
     vae, tok, base, conv = run / "vae", run / "tokenizer", run / "base_llama", run / f"converted_tp{CONVERT_TP}"
     copy_vae = not args.train_vae and not (vae / "config.json").is_file()
     if copy_vae:  # the shipped VAE fits one latent geometry
@@ -228,12 +290,11 @@ def main(argv=None) -> int:
             "--pp",
             "1",
             "--config",
-            "demo",
+            args.config,
             *args.overrides,
         ],
     )
-    start = conv
-    if args.tp != CONVERT_TP:
+    if args.tp != CONVERT_TP:  # train_command starts from run/converted_tp{tp}
         start = run / f"converted_tp{args.tp}"
         times["reshard"] = _stage(
             "reshard",
@@ -274,21 +335,15 @@ def main(argv=None) -> int:
         ],
     )
 
-    models = {"llamafusion": [f"checkpoint.load={start}"]}
-    if not args.no_baseline:  # from the base Llama itself: the conversion holds the recipe's image tower
-        models["transfusion"] = ["model.architecture=transfusion"]
-    for name, own in models.items():
+    if args.data_only:
+        print("[demo] data stages done (--data-only): " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+        return 0
+    names = ["llamafusion"] + ([] if args.no_baseline else ["transfusion"])
+    for i, name in enumerate(names):
         out = run / name
-        train = [
-            f"data.path={latents}/latents-*.tar",
-            f"data.tokenizer={tok}",
-            f"logging.run_dir={out}/train",
-            f"checkpoint.hf_llama={base}",
-            *extra,
-            *own,
-        ]
+        watch = TrainingWatch(f"train {name}", out / "train" / "metrics.jsonl", steps, _later_s(times, names, i, steps))
         times[f"train {name}"] = _stage(
-            f"train {name}", [*_launch(args.nproc), "-m", "launcher.train", "--config", "demo", *train]
+            f"train {name}", train_command(run, name, args.config, args.nproc, args.tp, out / "train", extra), watch
         )
         times[f"sample {name}"] = _stage(f"sample {name}", _sample_cmd(run, out, args.tp, args, prompts, images))
         times[f"evaluate {name}"] = _stage(
@@ -310,7 +365,7 @@ def main(argv=None) -> int:
         )
     from megafusion.demo.report import write_report
 
-    metrics = {name: json.loads((run / name / "metrics.json").read_text()) for name in models}
+    metrics = {name: json.loads((run / name / "metrics.json").read_text()) for name in names}
     report = write_report(run, metrics, times)
     print("[demo] stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     print(f"[demo] total {sum(times.values()):.0f}s; report {report}")

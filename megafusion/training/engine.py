@@ -133,6 +133,35 @@ def _zero_one_keeps_zero_optimizer() -> Iterator[None]:
         deepspeed.DeepSpeedEngine = saved
 
 
+@contextlib.contextmanager
+def _without_shm_inference_op() -> Iterator[None]:
+    """Within: DeepSpeed's CPU comm backend skips JIT-building its shared-memory op.
+
+    ``deepspeed.initialize`` creates its comm backend, whose constructor compiles
+    ``deepspeed_shm_comm`` with gcc when the CPU accelerator offers it (35 s on a fresh
+    2-core machine, the first training stage of ``make demo``). The op serves only
+    ``inference_all_reduce`` (DeepSpeed-Inference tensor parallelism), which training never
+    calls: every collective here goes through torch.distributed. Marking the op
+    incompatible for the call makes ``build_shm_op`` return None, its documented
+    fallback; the flag is restored on exit.
+    """
+    import deepspeed.ops
+
+    ops = deepspeed.ops.__compatible_ops__
+    saved = ops.get(SHM_OP)
+    ops[SHM_OP] = False
+    try:
+        yield
+    finally:
+        if saved is None:
+            ops.pop(SHM_OP, None)
+        else:
+            ops[SHM_OP] = saved
+
+
+SHM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.comm.ShareMemCommBuilder.NAME
+
+
 def build_engine(models, cfg: Config):
     """deepspeed.initialize on the trainable parameters of this rank's chunk(s); returns (engine, optimizer).
 
@@ -154,7 +183,7 @@ def build_engine(models, cfg: Config):
         fused=True,  # one kernel per tensor on CUDA and CPU (torch >= 2.4)
     )
     optimized = [p for g in opt.param_groups for p in g["params"]]
-    with _zero_one_keeps_zero_optimizer():
+    with _zero_one_keeps_zero_optimizer(), _without_shm_inference_op():
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=opt,
