@@ -63,6 +63,7 @@ class TrainingWatch(threading.Thread):
         settle = settle_steps if settle_steps is not None else max(10, total_steps // 20)
         self.marks = sorted({m for m in (settle, total_steps // 2) if 0 < m < total_steps})  # steps to report at
         self.first: tuple[float, int] | None = None  # (wall time, step) when stepping was first seen
+        self.initial = 0  # the last step already logged when the stage started (a resumed run)
         self.started = time.time()
         self.done = threading.Event()
         self.estimates: list[float] = []  # seconds left for the demo, at each report (tests read them)
@@ -73,6 +74,7 @@ class TrainingWatch(threading.Thread):
 
     def run(self) -> None:
         self.started = time.time()
+        self.initial = last_step(self.metrics)  # a resumed run's earlier lines: not this run's rate
         while not self.done.wait(self.poll_s) and self.marks:
             line = self.observe(time.time(), last_step(self.metrics))
             if line:
@@ -80,7 +82,7 @@ class TrainingWatch(threading.Thread):
 
     def observe(self, now: float, step: int) -> str | None:
         """Take one reading (wall time, last logged step); the report line when a mark is passed."""
-        if step == 0:
+        if step <= self.initial:
             return None
         if self.first is None:  # the rate is measured from the first step seen, not from launch
             self.first = (now, step)

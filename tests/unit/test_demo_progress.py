@@ -47,6 +47,14 @@ def test_estimate_is_the_rate_times_the_steps_left_plus_the_later_stages():
     assert w.marks == [] and w.observe(10.2 + 0.25 * 700, 701) is None  # two reports in all
 
 
+def test_a_resumed_runs_earlier_lines_do_not_count_towards_the_rate():
+    w = TrainingWatch("train x", None, 100, lambda step_s, startup_s: 0.0, settle_steps=10, out=lambda s: None)
+    w.started, w.initial = 0.0, 40  # the run resumes at step 40: its file already holds 40 lines
+    assert w.observe(2.0, 40) is None  # start-up of the resumed run
+    assert w.observe(30.0, 41) is None  # the first new step: the rate is measured from here
+    assert "step 51/100 at 0.100 s/step" in w.observe(31.0, 51)
+
+
 def test_watch_thread_reports_while_a_writer_trains(tmp_path):
     m = tmp_path / "metrics.jsonl"
     lines: list[str] = []
