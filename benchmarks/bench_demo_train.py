@@ -55,8 +55,8 @@ def main() -> None:
     run = (ROOT / args.run_dir).resolve()
     subprocess.run([sys.executable, "-m", "launcher.demo", "--run-dir", str(run), "--data-only"], cwd=ROOT, check=True)
     presets = {"old": OLD, "new": NEW}
-    steps = {k: max(1, round(load_config(v).optim.train_steps * args.steps_fraction)) for k, v in presets.items()}
-    batch = {k: load_config(v).data.global_batch_size for k, v in presets.items()}
+    cfgs = {k: load_config(v) for k, v in presets.items()}
+    steps = {k: max(1, round(c.optim.train_steps * args.steps_fraction)) for k, c in cfgs.items()}
     seconds: dict[tuple[str, str], float] = {}
     for name in args.models:
         for which, config in presets.items():
@@ -67,10 +67,11 @@ def main() -> None:
             t0 = time.time()
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             seconds[which, name] = time.time() - t0
-            step_s = batch[which] / _samples_per_s(out / "metrics.jsonl")
+            batch = cfgs[which].data.global_batch_size
+            step_s = batch / _samples_per_s(out / "metrics.jsonl")
             print(
                 f"[bench] {which} {name}: stage {seconds[which, name]:.1f} s, {steps[which]} steps, "
-                f"steady {step_s:.3f} s/step ({batch[which] * load_config(config).data.seq_length / step_s:.0f} tok/s)",
+                f"steady {step_s:.3f} s/step ({batch * cfgs[which].data.seq_length / step_s:.0f} tok/s)",
                 flush=True,
             )
     total = {w: sum(seconds[w, n] for n in args.models) for w in presets}

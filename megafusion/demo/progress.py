@@ -92,7 +92,7 @@ class TrainingWatch(threading.Thread):
             return None
         self.marks = [m for m in self.marks if m > step]
         step_s = (now - t1) / (step - s1)
-        startup_s = max(t1 - self.started - s1 * step_s, 0.0)  # launch to step 0
+        startup_s = max(t1 - self.started - (s1 - self.initial) * step_s, 0.0)  # launch to this run's first step
         stage_left = (self.total - step) * step_s
         demo_left = stage_left + self.later_s(step_s, startup_s)
         self.estimates.append(demo_left)

@@ -133,6 +133,9 @@ def _zero_one_keeps_zero_optimizer() -> Iterator[None]:
         deepspeed.DeepSpeedEngine = saved
 
 
+SHM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.comm.ShareMemCommBuilder.NAME
+
+
 @contextlib.contextmanager
 def _without_shm_inference_op() -> Iterator[None]:
     """Within: DeepSpeed's CPU comm backend skips JIT-building its shared-memory op.
@@ -157,9 +160,6 @@ def _without_shm_inference_op() -> Iterator[None]:
             ops.pop(SHM_OP, None)
         else:
             ops[SHM_OP] = saved
-
-
-SHM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.comm.ShareMemCommBuilder.NAME
 
 
 def build_engine(models, cfg: Config):

@@ -48,11 +48,14 @@ def test_estimate_is_the_rate_times_the_steps_left_plus_the_later_stages():
 
 
 def test_a_resumed_runs_earlier_lines_do_not_count_towards_the_rate():
-    w = TrainingWatch("train x", None, 100, lambda step_s, startup_s: 0.0, settle_steps=10, out=lambda s: None)
+    seen = []
+    w = TrainingWatch("train x", None, 100, lambda step_s, startup_s: seen.append(startup_s) or 0.0, settle_steps=10)
+    w.out = lambda s: None
     w.started, w.initial = 0.0, 40  # the run resumes at step 40: its file already holds 40 lines
     assert w.observe(2.0, 40) is None  # start-up of the resumed run
     assert w.observe(30.0, 41) is None  # the first new step: the rate is measured from here
     assert "step 51/100 at 0.100 s/step" in w.observe(31.0, 51)
+    assert seen == [pytest.approx(30.0 - 0.1)]  # start-up: launch to this run's first step (41), not to step 0
 
 
 def test_watch_thread_reports_while_a_writer_trains(tmp_path):
