@@ -146,3 +146,45 @@ def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: flo
         if bad:
             raise AssertionError(f"ranks {bad} exited with codes {[procs[r].exitcode for r in bad]}")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+LLAVA_IMAGE_TOKEN = 296  # the tiny LLaVA's <image> placeholder; <BOI>/<EOI> are 297/298 (not the last two ids)
+
+
+def make_tiny_hf_llava(path: str | Path, *, seed: int = 0, vision_type: str = "clip_vision_model") -> Path:
+    """A random-weight HF ``LlavaForConditionalGeneration`` (CLIP 28 px / patch 7 -> 16 features, 3 vision
+    layers, feature layer -2; Llama text tower with GQA), every weight perturbed so no norm is all ones,
+    saved by ``save_pretrained`` (safetensors). ``vision_type`` only rewrites config.json (bad-input tests)."""
+    import json
+
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=7
+    )
+    text = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlavaForConditionalGeneration(
+        LlavaConfig(vision_config=vision, text_config=text, image_token_id=LLAVA_IMAGE_TOKEN)
+    ).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = Path(path)
+    model.save_pretrained(path)
+    if vision_type != "clip_vision_model":
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["vision_config"]["model_type"] = vision_type
+        (path / "config.json").write_text(json.dumps(cfg))
+    return path

@@ -7,7 +7,8 @@ the same way, so "same seed, same order, same freezing" is this code, not a conv
 1. the module for this rank: its TP shard of the layers ``layer_ids``, the embedding / U-Net
    down-sampler on the first stage, the LM head / U-Net up-sampler on the last, the U-Nets
    initialised from ``seed``;
-2. the text tower loaded from the HF directory (only this rank's slices);
+2. the text tower loaded from the HF directory (only this rank's slices); from a LLaVA directory
+   also its vision tower and projector (frozen, whole on every rank: LLaVA-Fusion);
 3. the image tower set to a copy of the text tower (the recipe's initialisation);
 4. the text tower frozen (nothing in the Transfusion-style baseline, which trains every weight).
 
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from megafusion.checkpoint.hf_import import load_hf_llama
+from megafusion.checkpoint.hf_import import load_hf_llama, read_hf_config, vision_spec_from_hf
 from megafusion.config.schema import ModelConfig
 from megafusion.model.llamafusion import LlamaFusionModel
 from megafusion.parallel.process_groups import ParallelContext
@@ -49,6 +50,7 @@ def build_llamafusion(
         layer_ids=layer_ids,
         seed=seed,
         pipeline_parallel=pipeline_parallel,
+        vision=vision_spec_from_hf(read_hf_config(hf_dir)),
     )
     load_hf_llama(model, hf_dir)
     model.init_image_tower_from_text()

@@ -1,5 +1,11 @@
 """Load a Hugging Face Llama directory (safetensors) into LlamaFusion's text tower.
 
+A LLaVA directory (``LlavaForConditionalGeneration``, model_type 'llava') is a Llama too: its
+``text_config`` gives the text tower's dims, its language-model tensors load by the same names
+under the LLaVA's prefixes (``SafetensorsDir`` resolves both the hub layout
+``language_model.model.*`` and ``model.language_model.*``), and its CLIP vision tower and
+projector load into the frozen ``model.vision_tower.VisionPath`` (LLaVA-Fusion).
+
 Streams tensor by tensor with plain reads (``SafetensorsDir``) and reads only the
 rows/columns of this TP rank, so memory stays near one tensor slice. Nothing is
 unpickled: ``*.bin`` (pickle) checkpoints are refused with a message saying how
@@ -16,8 +22,11 @@ import torch
 
 from megafusion.checkpoint.tensor_file import TensorFile
 from megafusion.config.schema import ImageConfig, ModelConfig, RopeScalingConfig
+from megafusion.model.vision_tower import ACTIVATIONS, VisionSpec
 
 LLAMA3_VOCAB = 128256
+VLM_TYPES = ("llava",)
+"""config.json model_type values of vision-language models loaded as LLaVA-Fusion."""
 
 
 class HFCheckpointError(ValueError):
@@ -31,12 +40,81 @@ def read_hf_config(path: str | Path) -> dict:
     return json.loads(cfg_path.read_text())
 
 
+def text_config_of(hf: dict) -> dict:
+    """The language model's part of a config.json: itself for a Llama, ``text_config`` for a LLaVA."""
+    kind = hf.get("model_type")
+    if kind in VLM_TYPES:
+        text = hf.get("text_config")
+        if not isinstance(text, dict):
+            raise HFCheckpointError(f"config.json model_type={kind!r} without a text_config")
+        return text
+    if kind is not None and (kind.startswith("llava") or "vision_config" in hf):
+        raise HFCheckpointError(
+            f"config.json model_type={kind!r} is not supported: vision-language models load as "
+            f"LLaVA-Fusion only in the LLaVA-1.5 layout (model_type {', '.join(map(repr, VLM_TYPES))})"
+        )
+    return hf
+
+
+def vision_spec_from_hf(hf: dict) -> VisionSpec | None:
+    """The frozen vision path of a LLaVA config.json (None for a text-only Llama).
+
+    Only a CLIP vision tower is supported; anything else is an error naming the key.
+    """
+    if hf.get("model_type") not in VLM_TYPES:
+        return None
+    v = hf.get("vision_config") or {}
+    if v.get("model_type") != "clip_vision_model":
+        raise HFCheckpointError(
+            f"config.json vision_config.model_type={v.get('model_type')!r} is not supported "
+            "(LLaVA-Fusion loads a CLIP vision tower: 'clip_vision_model')"
+        )
+    for key, value in (
+        ("vision_config.hidden_act", v.get("hidden_act", "quick_gelu")),
+        ("projector_hidden_act", hf.get("projector_hidden_act", "gelu")),
+    ):
+        if value not in ACTIVATIONS:
+            raise HFCheckpointError(f"config.json {key}={value!r}; supported: {', '.join(ACTIVATIONS)}")
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise HFCheckpointError(f"config.json vision_feature_select_strategy={strategy!r}; supported: default, full")
+    layers = hf.get("vision_feature_layer", -2)
+    layers = (layers,) if isinstance(layers, int) else tuple(int(i) for i in layers)
+    n = int(v.get("num_hidden_layers", 12))
+    bad = [i for i in layers if not -(n + 1) <= i <= n]
+    if bad:
+        raise HFCheckpointError(f"config.json vision_feature_layer={bad} outside the {n + 1} hidden states")
+    token = hf.get("image_token_id", hf.get("image_token_index"))
+    if token is None:
+        raise HFCheckpointError("config.json has no image_token_id / image_token_index")
+    hidden = int(v.get("hidden_size", 768))
+    return VisionSpec(
+        hidden_size=hidden,
+        intermediate_size=int(v.get("intermediate_size", 3072)),
+        num_layers=n,
+        num_heads=int(v.get("num_attention_heads", 12)),
+        image_size=int(v.get("image_size", 224)),
+        patch_size=int(v.get("patch_size", 32)),
+        num_channels=int(v.get("num_channels", 3)),
+        layer_norm_eps=float(v.get("layer_norm_eps", 1e-5)),
+        hidden_act=v.get("hidden_act", "quick_gelu"),
+        text_hidden_size=int(text_config_of(hf)["hidden_size"]),
+        projector_act=hf.get("projector_hidden_act", "gelu"),
+        projector_bias=bool(hf.get("multimodal_projector_bias", True)),
+        feature_layers=layers,
+        keep_cls=strategy == "full",
+        image_token_id=int(token),
+    )
+
+
 def model_config_from_hf(hf: dict, image: ImageConfig | None = None, **overrides: Any) -> ModelConfig:
-    """ModelConfig from a HF LlamaConfig dict (either the v4 ``rope_scaling`` or v5 ``rope_parameters`` form).
+    """ModelConfig from a HF LlamaConfig dict (either the v4 ``rope_scaling`` or v5 ``rope_parameters`` form),
+    or from a LLaVA config.json (its ``text_config``).
 
     <BOI>/<EOI> default to Llama-3's <|reserved_special_token_0/1|> (128002/128003)
     when the vocabulary is Llama-3's, else to the last two ids of the vocabulary.
     """
+    hf = text_config_of(hf)
     if hf.get("hidden_act", "silu") != "silu":
         raise HFCheckpointError(f"config.json hidden_act={hf.get('hidden_act')!r}; Llama uses 'silu'")
     if hf.get("model_type") not in (None, "llama"):
@@ -88,6 +166,30 @@ def model_config_from_hf(hf: dict, image: ImageConfig | None = None, **overrides
     return ModelConfig(**kw)
 
 
+def _llava_names(name: str) -> tuple[str, ...]:
+    """Where a LLaVA directory may store ``name`` (hub v4 layout first, then transformers v5's)."""
+    if name.startswith("model."):
+        rest = name[len("model.") :]
+        return (f"language_model.model.{rest}", f"model.language_model.{rest}")
+    if name == "lm_head.weight":
+        return ("language_model.lm_head.weight",)
+    if name.startswith("vision.tower."):
+        rest = name[len("vision.tower.") :]
+        return tuple(
+            f"{p}{rest}"
+            for p in (
+                "vision_tower.vision_model.",
+                "vision_tower.",
+                "model.vision_tower.vision_model.",
+                "model.vision_tower.",
+            )
+        )
+    if name.startswith("vision.projector."):
+        rest = name[len("vision.projector.") :]
+        return (f"multi_modal_projector.{rest}", f"model.multi_modal_projector.{rest}")
+    return ()
+
+
 class SafetensorsDir:
     """Tensor-by-tensor reader over ``model.safetensors`` or a sharded ``*.index.json`` directory.
 
@@ -114,16 +216,35 @@ class SafetensorsDir:
             raise HFCheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         self._handles: dict[str, TensorFile] = {}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+    def stored_name(self, name: str) -> str | None:
+        """The name a Llama tensor (``model.layers.0...``, ``lm_head.weight``) or a vision-path tensor
+        (``vision.tower.*``, ``vision.projector.*``) is stored under here: as is in a Llama directory, under
+        one of the LLaVA prefixes in a LLaVA directory (the hub's v4 layout or transformers v5's)."""
+        if name in self.weight_map:
+            return name
+        for stored in _llava_names(name):
+            if stored in self.weight_map:
+                return stored
+        return None
 
-    def _file(self, name: str) -> TensorFile:
-        if name not in self.weight_map:
+    def __contains__(self, name: str) -> bool:
+        return self.stored_name(name) is not None
+
+    def text_layer_count(self) -> int:
+        """Decoder layers of the language model (a LLaVA's vision layers have q_proj tensors too)."""
+        n = 0
+        while f"model.layers.{n}.self_attn.q_proj.weight" in self:
+            n += 1
+        return n
+
+    def _file(self, name: str) -> tuple[TensorFile, str]:
+        stored = self.stored_name(name)
+        if stored is None:
             raise HFCheckpointError(f"{self.path}: tensor {name!r} not found in the checkpoint")
-        fname = self.weight_map[name]
+        fname = self.weight_map[stored]
         if fname not in self._handles:
             self._handles[fname] = TensorFile(self.path / fname)
-        return self._handles[fname]
+        return self._handles[fname], stored
 
     def close(self) -> None:
         for f in self._handles.values():
@@ -131,14 +252,16 @@ class SafetensorsDir:
         self._handles.clear()
 
     def get(self, name: str) -> torch.Tensor:
-        f = self._file(name)
-        return f.read_flat(name, 0, f.numel(name)).view(f.shape(name))
+        f, key = self._file(name)
+        return f.read_flat(key, 0, f.numel(key)).view(f.shape(key))
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        return self._file(name).read_rows(name, start, stop)
+        f, key = self._file(name)
+        return f.read_rows(key, start, stop)
 
     def shape(self, name: str) -> list[int]:
-        return list(self._file(name).shape(name))
+        f, key = self._file(name)
+        return list(f.shape(key))
 
     def tp_rows(self, name: str, tp: int, rank: int) -> torch.Tensor:
         """This TP rank's block of output rows (column-parallel layout)."""
@@ -148,7 +271,8 @@ class SafetensorsDir:
     def tp_cols(self, name: str, tp: int, rank: int) -> torch.Tensor:
         """This TP rank's block of input columns (row-parallel layout), read in row chunks."""
         step = self.shape(name)[1] // tp
-        return self._file(name).read_cols(name, rank * step, (rank + 1) * step)
+        f, key = self._file(name)
+        return f.read_cols(key, rank * step, (rank + 1) * step)
 
 
 LAYER_SOURCES = {  # routed-layer tensor -> the HF tensors it is made of (for error messages)
@@ -198,7 +322,7 @@ def load_hf_llama(model, path: str | Path) -> None:
 
 def _load_text_tower(model, r: SafetensorsDir, path: str | Path) -> None:
     cfg, tp, rank = model.cfg, model.pctx.tp_size, model.pctx.tp_rank
-    n_layers_hf = sum(1 for k in r.weight_map if k.endswith("self_attn.q_proj.weight"))
+    n_layers_hf = r.text_layer_count()
     if n_layers_hf != cfg.num_layers:
         raise HFCheckpointError(f"{path}: checkpoint has {n_layers_hf} layers, model.num_layers={cfg.num_layers}")
 
@@ -216,6 +340,14 @@ def _load_text_tower(model, r: SafetensorsDir, path: str | Path) -> None:
     if model.pre_process:
         name = "model.embed_tokens.weight"
         _copy(model.embedding.weight, vocab_rows(name), name)
+        if getattr(model, "vision", None) is not None:
+            for vname, p in model.vision.named_parameters():
+                key = f"vision.{vname}"
+                if key not in r:
+                    raise HFCheckpointError(
+                        f"{path}: the LLaVA's {vname} tensor is missing (looked for {', '.join(_llava_names(key))})"
+                    )
+                _copy(p, r.get(key), r.stored_name(key) or key)
         _copy(
             model.special_embedding, special_rows(r, cfg.boi_token_id, cfg.eoi_token_id), "<BOI>/<EOI> embedding rows"
         )
@@ -232,4 +364,12 @@ def _load_text_tower(model, r: SafetensorsDir, path: str | Path) -> None:
         _copy(model.lm_head.weight, vocab_rows(head_name), head_name)
 
 
-__all__ = ["HFCheckpointError", "SafetensorsDir", "load_hf_llama", "model_config_from_hf", "read_hf_config"]
+__all__ = [
+    "HFCheckpointError",
+    "SafetensorsDir",
+    "load_hf_llama",
+    "model_config_from_hf",
+    "read_hf_config",
+    "text_config_of",
+    "vision_spec_from_hf",
+]

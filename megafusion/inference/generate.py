@@ -157,18 +157,23 @@ def generate_text(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     eos_check_every: int = EOS_CHECK_EVERY,
+    pixel_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[b, s] prompt ids (same length, no padding) -> [b, s + n]: the prompt then the new tokens, like HF generate.
 
     ``eos_check_every``: tokens between host checks of whether all rows have emitted EOS
-    (greedy; the output does not depend on it, see ``_decode``).
+    (greedy; the output does not depend on it, see ``_decode``). ``pixel_values`` [n, 3, H, W]: pictures for
+    a LLaVA-Fusion's frozen vision path, whose features fill the prompt's ``<image>`` placeholders (captioning
+    and visual questions the VLM's way, exactly as ``LlavaForConditionalGeneration.generate``).
     """
     _prompt_list(model, input_ids)
     dev = _device(model)
     input_ids = input_ids.to(dev)
     b, s = input_ids.shape
     cache = KVCache(b, max_len=s + max(max_new_tokens, 1))  # prompt + new tokens (the last is never fed back)
-    logits, _ = model.forward_cached(FusionBatch.text_only(input_ids), cache)
+    prompt = FusionBatch.text_only(input_ids)
+    prompt.pixel_values = pixel_values
+    logits, _ = model.forward_cached(prompt, cache)
     new = _decode(
         model,
         cache,

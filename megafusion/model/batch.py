@@ -39,6 +39,10 @@ class FusionBatch:
     caption_after: torch.Tensor | None = None
     """[n_img] bool, True where the image's caption follows it (an understanding example); the
     trainer caps the noise of those images (``diffusion.understanding_max_timestep``). Not used by the model."""
+    pixel_values: torch.Tensor | None = None
+    """[n_vis, 3, H, W] pictures for a LLaVA's frozen vision tower (LLaVA-Fusion understanding): their
+    features replace the ``<image>`` placeholder ids of ``input_ids`` in row-major order, image by image.
+    Those positions are text positions (``image_ids`` -1). None without such pictures."""
     route_plan: RoutePlan | None = None
     """The token routes of ``image_ids`` (``RoutePlan.build``), computed where the batch is packed so the
     model's forward reads no size back from the device; None: the model builds them itself (with syncs).

@@ -46,6 +46,7 @@ from megafusion.model.norm import RMSNorm
 from megafusion.model.rope import rope_cos_sin, rope_inv_freq
 from megafusion.model.routed_linear import RoutedColumnParallelLinear, RoutedRowParallelLinear, no_init
 from megafusion.model.routing import RoutePlan, Routes
+from megafusion.model.vision_tower import VisionPath, VisionSpec
 from megafusion.parallel.megatron_config import megatron_transformer_config, padded_vocab_size
 from megafusion.parallel.process_groups import ParallelContext
 
@@ -92,6 +93,7 @@ class LlamaFusionModel(nn.Module):
         layer_ids: Sequence[int] | None = None,
         seed: int = 1234,
         pipeline_parallel: int = 1,
+        vision: VisionSpec | None = None,
     ):
         super().__init__()
         if cfg.architecture == "transfusion" and cfg.tie_word_embeddings:
@@ -117,6 +119,11 @@ class LlamaFusionModel(nn.Module):
             )
             self.special_embedding = nn.Parameter(torch.zeros(2, h, dtype=dtype, device=device))
             self.image_in = image_in.to(device=device, dtype=dtype)
+            # LLaVA-Fusion: the VLM's frozen vision path, replicated on every TP rank (model/vision_tower.py)
+            self.vision = None if vision is None else VisionPath(vision).to(device=device, dtype=dtype)
+        self.vision_spec = vision
+        if vision is not None:
+            _check_vision(cfg, vision)
         ids = range(cfg.num_layers) if layer_ids is None else layer_ids
         self.layers = nn.ModuleDict({str(i): FusionLayer(cfg, self.config, pctx, layer_id=i) for i in ids})
         if post_process:
@@ -173,6 +180,8 @@ class LlamaFusionModel(nn.Module):
     def trains(self, name: str) -> bool:
         """Does parameter ``name`` train (and live in checkpoints)? The image side under the recipe; everything
         in the Transfusion baseline, whose text tower is not kept."""
+        if name.startswith("vision."):  # a LLaVA's vision path never trains, not even in the baseline
+            return False
         return self.shared_tower or not is_text_tower_param(name)
 
     def freeze_text_tower(self) -> None:
@@ -232,6 +241,8 @@ class LlamaFusionModel(nn.Module):
         sp = self.special_embedding.to(x.dtype)
         x = torch.where((ids == self.cfg.boi_token_id)[..., None], sp[0], x)
         x = torch.where((ids == self.cfg.eoi_token_id)[..., None], sp[1], x)
+        if batch.pixel_values is not None:
+            x = self._with_vision_features(x, batch)
         x = x.reshape(s * b, -1)  # [N, h]
         skips = None
         routes = state.inputs.routes
@@ -244,6 +255,30 @@ class LlamaFusionModel(nn.Module):
         if self.pctx.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x, group=self.pctx.tp_group)  # [s/tp, b, h]
         return x, skips
+
+    def _with_vision_features(self, x: torch.Tensor, batch: FusionBatch) -> torch.Tensor:
+        """[s, b, h] embeddings with each ``<image>`` placeholder replaced by the frozen VLM's features.
+
+        The features fill the placeholders in row-major [b, s] order, image by image (transformers'
+        ``masked_scatter``); those positions stay text positions (text tower, causal), as in the VLM.
+        """
+        if self.vision is None:
+            raise ValueError(
+                "FusionBatch.pixel_values given, but this model has no vision tower "
+                "(it was built from a text-only Llama, not a LLaVA)"
+            )
+        feats = self.vision(batch.pixel_values)  # [n, P, h]
+        holders = (batch.input_ids == self.vision_spec.image_token_id).unsqueeze(-1)  # [b, s, 1]
+        if batch.route_plan is None:  # user batches (loader batches were counted where they were packed)
+            n_hold, n_feat = int(holders.sum()), feats.shape[0] * feats.shape[1]
+            if n_hold != n_feat:
+                raise ValueError(
+                    f"input_ids hold {n_hold} <image> placeholders (id {self.vision_spec.image_token_id}) but "
+                    f"pixel_values gives {feats.shape[0]} pictures x {feats.shape[1]} features = {n_feat}"
+                )
+        xb = x.transpose(0, 1)  # [b, s, h]
+        xb = xb.masked_scatter(holders, feats.to(x.dtype).reshape(-1, x.shape[-1]))
+        return xb.transpose(0, 1)  # [s, b, h]
 
     def run_layers(self, x: torch.Tensor, state: ForwardState) -> torch.Tensor:
         for layer in self.layers.values():
@@ -349,8 +384,17 @@ class LlamaFusionModel(nn.Module):
         x = self.run_layers(x, state)
         return self.heads(x, batch, state, skips)
 
-    def text_logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """[b, s] text-only ids -> full-vocabulary logits [b, s, vocab] (gathered over TP)."""
+    def text_logits(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[b, s] text-only ids -> full-vocabulary logits [b, s, vocab] (gathered over TP).
+
+        ``pixel_values`` [n, 3, H, W] (LLaVA-Fusion): pictures whose frozen VLM features fill the ``<image>``
+        placeholders of ``input_ids``, the VLM's understanding input (its logits, exactly).
+        """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
@@ -371,6 +415,8 @@ class LlamaFusionModel(nn.Module):
             )
         batch = FusionBatch.text_only(input_ids)
         batch.position_ids = position_ids
+        if pixel_values is not None:
+            batch.pixel_values = pixel_values.to(self.device)
         state = self.prepare(batch)
         x, _ = self.embed(batch, state)
         x = self.run_layers(x, state)
@@ -439,11 +485,24 @@ class LlamaFusionModel(nn.Module):
         return x.transpose(0, 1)
 
 
-_TEXT_TOWER_PREFIXES = ("embedding.", "final_norm.", "lm_head.")
+_TEXT_TOWER_PREFIXES = ("embedding.", "final_norm.", "lm_head.", "vision.")  # vision.: a LLaVA's, frozen too
+
+
+def _check_vision(cfg: ModelConfig, v: VisionSpec) -> None:
+    """The VLM's vision path must fit the text tower it feeds, and its placeholder must not be <BOI>/<EOI>."""
+    if v.text_hidden_size != cfg.hidden_size:
+        raise ValueError(
+            f"the LLaVA projector outputs {v.text_hidden_size} features, model.hidden_size={cfg.hidden_size}"
+        )
+    if v.image_token_id in (cfg.boi_token_id, cfg.eoi_token_id):
+        raise ValueError(
+            f"the LLaVA's image_token_id {v.image_token_id} is also model.boi_token_id/eoi_token_id "
+            f"({cfg.boi_token_id}/{cfg.eoi_token_id}): set model.boi_token_id / model.eoi_token_id to other ids"
+        )
 
 
 def is_text_tower_param(name: str) -> bool:
-    """True for parameters copied from the base Llama (kept frozen, except in the Transfusion baseline)."""
+    """True for parameters copied from the base Llama or VLM (kept frozen, except in the Transfusion baseline)."""
     if name.startswith(_TEXT_TOWER_PREFIXES):
         return True
     parts = name.split(".")
