@@ -14,6 +14,10 @@ the layout: pass it back as ``launcher.train --config OUT/config.yaml``.
 
 The image tower starts as copies of the Llama weights, the U-Nets from the config's seed; the
 frozen text tower stays in --hf-dir (recorded by fingerprint). Streams one output shard at a time.
+
+--hf-dir may be a LLaVA (``LlavaForConditionalGeneration``, CLIP vision tower): its language model
+converts like a Llama, and its vision tower and projector stay frozen in --hf-dir with the text
+tower (LLaVA-Fusion; pick model.boi_token_id / model.eoi_token_id apart from its <image> id).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hf-dir", required=True, help="HF Llama directory (safetensors)")
+    ap.add_argument("--hf-dir", required=True, help="HF Llama or LLaVA directory (safetensors)")
     ap.add_argument("--out", required=True, help="output checkpoint directory (written atomically)")
     ap.add_argument("--tp", type=int, required=True)
     ap.add_argument("--pp", type=int, required=True)

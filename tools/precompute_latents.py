@@ -41,6 +41,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-pixels", type=int, default=64_000_000, help="skip larger images unread (bombs)")
     ap.add_argument("--sample", action="store_true", help="sample latents instead of the distribution's mode")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--keep-pixels",
+        type=int,
+        default=0,
+        metavar="SIZE",
+        help="also store each picture at SIZE px (KEY.pixels.npy) for a LLaVA's vision tower "
+        "(LLaVA-Fusion: data.vlm_understanding=true; SIZE = its vision_config.image_size)",
+    )
     ap.add_argument("--address", default=None, help="Ray address ('auto' on a cluster; default: RAY_ADDRESS or local)")
     ap.add_argument("--max-retries", type=int, default=1, help="re-encodes of a shard whose worker died")
     ap.add_argument("--crash-after-samples", type=int, default=None, help=argparse.SUPPRESS)  # fault injection (tests)
@@ -52,6 +60,8 @@ def main(argv=None) -> int:
 
     if args.resolution < 8 or args.batch_size < 1 or args.num_workers < 1:
         ap.error("--resolution must be >= 8, --batch-size and --num-workers >= 1")
+    if args.keep_pixels < 0:
+        ap.error(f"--keep-pixels must be >= 0 (0: no pictures), got {args.keep_pixels}")
     opts = CacheOptions(
         resolution=args.resolution,
         batch_size=args.batch_size,
@@ -59,6 +69,7 @@ def main(argv=None) -> int:
         max_pixels=args.max_pixels,
         sample=args.sample,
         seed=args.seed,
+        keep_pixels=args.keep_pixels,
     )
     try:
         run(

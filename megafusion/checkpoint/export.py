@@ -2,7 +2,8 @@
 
 The output directory is what ``transformers.LlamaForCausalLM.from_pretrained``
 loads (the text tower: the base Llama's files, copied bit for bit, since the
-text tower never trains) and, beside it, ``megafusion_image.safetensors`` (image
+text tower never trains; from a LLaVA base, ``LlavaForConditionalGeneration`` with
+its processor files) and, beside it, ``megafusion_image.safetensors`` (image
 tower, U-Nets, <BOI>/<EOI> rows, in full, layout-independent form) and
 ``megafusion_config.json`` (the model config), which
 ``LlamaFusion.from_pretrained(DIR)`` loads back at any TP size.
@@ -34,6 +35,13 @@ from megafusion.parallel.process_groups import ParallelContext
 IMAGE_FILE = "megafusion_image.safetensors"
 CONFIG_FILE = "megafusion_config.json"
 _HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
+_PROCESSOR_FILES = (  # a LLaVA's image processor and chat template travel with it (LLaVA-Fusion)
+    "preprocessor_config.json",
+    "processor_config.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
 
 
 def open_checkpoint(ckpt_dir: str | Path) -> tuple[Config, dict, dict, Path]:
@@ -96,7 +104,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, log=print) -> P
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         for f in sorted(hf_dir.iterdir()):
-            if f.name in _HF_FILES or f.name.startswith("model-") or f.name.startswith("tokenizer"):
+            if f.name in (*_HF_FILES, *_PROCESSOR_FILES) or f.name.startswith(("model-", "tokenizer")):
                 shutil.copy2(f, tmp / f.name)
         names = sorted(src.model)
         entries = [

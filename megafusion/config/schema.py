@@ -178,6 +178,12 @@ class DataConfig:
     """Optional text-only webdataset shards (a ``.txt`` member per sample) mixed into the sequences."""
     text_ratio: float = 0.0
     """Share of packed documents that are text-only (from ``text_path``)."""
+    vlm_understanding: bool = False
+    """LLaVA-Fusion (``checkpoint.hf_llama`` a LLaVA): an image-first pair whose sample holds its picture
+    (``KEY.pixels.npy``, ``tools/precompute_latents.py --keep-pixels``) is laid out the VLM's way,
+    ``<s> <image>... caption </s>``, its picture read by the frozen vision tower. Such pairs train
+    nothing (the understanding path is frozen; their LM loss is the VLM's caption loss); off, every
+    pair goes through the image tower as latents, as from a text-only Llama."""
 
 
 @dataclass

@@ -64,6 +64,9 @@ class CacheOptions:
     sample: bool = False
     """Sample the latent distribution (seeded per sample) instead of taking its mode."""
     seed: int = 0
+    keep_pixels: int = 0
+    """> 0: also store the picture, center-cropped and resized to this many pixels, as ``KEY.pixels.npy``
+    (uint8 [3, P, P]) for a LLaVA's vision tower (LLaVA-Fusion understanding pairs, ``data.vlm_understanding``)."""
 
 
 def expand_inputs(pattern: str) -> list[str]:
@@ -152,6 +155,17 @@ def decode_image(data: bytes, opts: CacheOptions):
     return im.convert("RGB")
 
 
+def square_pixels(im, resolution: int) -> np.ndarray:
+    """Center-crop to a square and resize (bicubic) to ``resolution``: uint8 [3, R, R] (the stored picture)."""
+    from PIL import Image
+
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))  # [R, R, 3] -> [3, R, R]
+
+
 def preprocess(im, resolution: int) -> torch.Tensor:
     """Center-crop to a square, resize (bicubic) to ``resolution``, scale to [-1, 1]: [3, R, R] float32."""
     from PIL import Image
@@ -210,7 +224,7 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions, crash_af
     counts: Counter = Counter()
     out_path = Path(out_path)
     tmp = temp_sibling(out_path)  # unique per attempt
-    batch: list[tuple[str, torch.Tensor, str, dict]] = []
+    batch: list[tuple[str, torch.Tensor, str, dict, np.ndarray | None]] = []
     writer = wds.TarWriter(str(tmp))
 
     def flush():
@@ -219,8 +233,11 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions, crash_af
         x = torch.stack([b[1] for b in batch])
         seeds = [opts.seed * 1_000_003 + zlib.crc32(b[0].encode()) for b in batch]
         lat = encode_images(vae, x, opts, seeds).cpu().numpy().astype(np.float16)
-        for (key, _, caption, meta), z in zip(batch, lat):
-            writer.write({"__key__": key, "npy": _npy_bytes(z), "txt": caption, "json": json.dumps(meta)})
+        for (key, _, caption, meta, pixels), z in zip(batch, lat):
+            sample = {"__key__": key, "npy": _npy_bytes(z), "txt": caption, "json": json.dumps(meta)}
+            if pixels is not None:
+                sample["pixels.npy"] = _npy_bytes(pixels)
+            writer.write(sample)
             counts["out"] += 1
         batch.clear()
 
@@ -239,7 +256,8 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions, crash_af
                     raise BadSample("missing_caption")
                 im = decode_image(parts[ext], opts)
                 meta = {"source_shard": in_url, "source_key": key, "width": im.width, "height": im.height}
-                batch.append((key, preprocess(im, opts.resolution), caption, meta))
+                pixels = square_pixels(im, opts.keep_pixels) if opts.keep_pixels > 0 else None
+                batch.append((key, preprocess(im, opts.resolution), caption, meta, pixels))
             except BadSample as bad:
                 counts["skipped/" + bad.reason] += 1
                 continue

@@ -46,7 +46,16 @@ from megafusion.data.loader_state import (
     text_order_rng,
     units_for,
 )
-from megafusion.data.packing import Document, Packer, SpecialTokens, make_document, rows_to_batch, sequence_shards
+from megafusion.data.packing import (
+    Document,
+    Packer,
+    SpecialTokens,
+    make_document,
+    make_vlm_document,
+    rows_to_batch,
+    sequence_shards,
+)
+from megafusion.data.vlm_pictures import read_pixels, vlm_pictures
 from megafusion.model.batch import FusionBatch
 
 
@@ -84,6 +93,7 @@ class Sample(NamedTuple):
     key: str  # url#key
     latent: np.ndarray
     caption: str
+    pixels: np.ndarray | None = None  # uint8 [3, P, P] picture for a LLaVA's vision tower (KEY.pixels.npy)
 
 
 class TextReader:
@@ -151,6 +161,9 @@ class SlotReader:
         self.dp_rank, self.max_epochs = dp_rank, max_epochs
         self.tok = load_tokenizer(cfg.data.tokenizer)
         self.sp = special_tokens(self.tok, cfg)
+        self.vlm = vlm_pictures(cfg)  # LLaVA-Fusion: image-first pairs with pictures go to the VLM's tower
+        if self.vlm is not None:
+            self.sp.image_placeholder = self.vlm.image_token_id
         self.T = cfg.model.image.tokens_per_image
         img = cfg.model.image
         self.want = (img.latent_channels, img.latent_size, img.latent_size)
@@ -191,6 +204,8 @@ class SlotReader:
         }
 
     def _doc_state(self, d: Document) -> dict:
+        if d.pixels is not None:  # a VLM-picture document: its tokens as they are, the picture re-read on resume
+            return {"t": d.tokens, "v": 1, "ref": list(d.source), "e": d.epoch, "k": d.key}
         if d.latent is None:
             return {"t": d.tokens}
         s = d.image_start  # the image's -1 placeholders are not stored
@@ -234,7 +249,7 @@ class SlotReader:
                 if idx in members:
                     self.decodes += 1
                     latent, caption, _ = read_latent_sample(parts)
-                    got[(g, idx)] = Sample(g, idx, f"{self.shards[g]}#{key}", latent, caption)
+                    got[(g, idx)] = Sample(g, idx, f"{self.shards[g]}#{key}", latent, caption, self._pixels(parts))
                 if idx >= last:
                     break
         missing = set(refs) - set(got)
@@ -251,6 +266,9 @@ class SlotReader:
         sample = got[tuple(d["ref"])]
         if sample.key != d["k"]:
             raise ValueError(f"loader state expects {d['k']!r} at {d['ref']}, the data holds {sample.key!r}")
+        if d.get("v"):
+            pixels = self.vlm.normalise(sample.pixels, sample.key)
+            return Document(list(d["t"]), key=d["k"], source=(sample.shard, sample.member), epoch=d["e"], pixels=pixels)
         s, toks = d["s"], d["t"]
         tokens = toks[:s] + [-1] * self.T + toks[s:]
         return Document(tokens, sample.latent, s, d["k"], d["a"], (sample.shard, sample.member), d["e"])
@@ -303,12 +321,17 @@ class SlotReader:
                 self.decodes += 1
                 try:
                     latent, caption, _ = read_latent_sample(parts)
-                except (BadSample, ValueError, UnicodeDecodeError):
+                    pixels = self._pixels(parts)
+                except (BadSample, ValueError, UnicodeDecodeError):  # a bad stored picture is a ValueError
                     self.skipped += 1
                     continue
-                yield Sample(g, idx, f"{self.shards[g]}#{key}", latent, caption)
+                yield Sample(g, idx, f"{self.shards[g]}#{key}", latent, caption, pixels)
         except BadSample:
             self.skipped += 1
+
+    def _pixels(self, parts: dict[str, bytes]) -> np.ndarray | None:
+        """The sample's stored picture when the run reads pictures (never decoded otherwise)."""
+        return read_pixels(parts) if self.vlm is not None else None
 
     def _shuffled(self) -> Iterator[Sample]:
         size = max(1, self.cfg.data.shuffle_buffer)
@@ -363,7 +386,12 @@ class SlotReader:
         ids = self.tok(sample.caption, add_special_tokens=False)["input_ids"]
         if rng.random() < cfg.diffusion.caption_dropout:
             ids = []  # unconditional image for classifier-free guidance
-        doc = make_document(ids, sample.latent, T, sp, rng.random() < cfg.data.caption_first_prob, s)
+        caption_first = rng.random() < cfg.data.caption_first_prob
+        if self.vlm is not None and not caption_first and ids and sample.pixels is not None:
+            pixels = self.vlm.normalise(sample.pixels, sample.key)
+            doc = make_vlm_document(ids, pixels, self.vlm.placeholders, sp, s)
+        else:
+            doc = make_document(ids, sample.latent, T, sp, caption_first, s)
         doc.key, doc.source, doc.epoch = sample.key, (sample.shard, sample.member), self.epoch
         self.packer.add(doc)
         while self.packer.ready() >= mb:

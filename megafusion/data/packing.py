@@ -5,6 +5,7 @@ A document is one image-caption pair (or one text-only sample), laid out as
     caption-first :  <s> caption <BOI> image-tokens <EOI> </s>
     image-first   :  <s> <BOI> image-tokens <EOI> caption </s>
     text-only     :  <s> text </s>
+    VLM picture   :  <s> <image> x P caption </s>   (LLaVA-Fusion: the frozen vision tower's input)
 
 Several documents are packed greedily into one sequence of ``seq_length``;
 a document that does not fit in what is left starts the next sequence and the
@@ -46,6 +47,8 @@ class Document:
     the latent from instead of storing it."""
     epoch: int = -1
     """The loader epoch the image was read in (a pending document can be packed in the next epoch's rows)."""
+    pixels: np.ndarray | None = None
+    """[3, H, W] float32 normalised picture of a VLM-picture document (its placeholders are text tokens)."""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -58,6 +61,8 @@ class SpecialTokens:
     pad: int
     boi: int
     eoi: int
+    image_placeholder: int = -1
+    """A LLaVA's ``<image>`` id (LLaVA-Fusion), never a loss target; -1 without a VLM."""
 
 
 def make_document(
@@ -86,6 +91,17 @@ def make_document(
         toks = [sp.bos, sp.boi, *image, sp.eoi, *cap, sp.eos]
         start = 2
     return Document(toks, latent, start, caption_after=not caption_first and bool(cap))
+
+
+def make_vlm_document(
+    caption_ids: list[int], pixels: np.ndarray, placeholders: int, sp: SpecialTokens, max_len: int
+) -> Document:
+    """A picture for the VLM's vision tower and its caption, laid out as LLaVA reads it (caption cut to fit)."""
+    room = max_len - placeholders - 2  # <s> ... </s>
+    if room < 0:
+        raise ValueError(f"data.seq_length={max_len} cannot hold one picture of {placeholders} placeholders + 2")
+    toks = [sp.bos, *[sp.image_placeholder] * placeholders, *caption_ids[:room], sp.eos]
+    return Document(toks, pixels=pixels)
 
 
 @dataclass
@@ -128,6 +144,7 @@ def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens
     doc_ids = torch.zeros(b, s, dtype=torch.long)
     pos = torch.zeros(b, s, dtype=torch.long)
     latents: list[np.ndarray] = []
+    pictures: list[np.ndarray] = []  # VLM pictures in row-major order: the order their placeholders fill
     for r, row in enumerate(rows):
         cur = 0
         for d, doc in enumerate(row):
@@ -138,6 +155,8 @@ def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens
             if doc.latent is not None:
                 image_ids[r, cur : cur + n][is_img] = len(latents)
                 latents.append(doc.latent)
+            if doc.pixels is not None:
+                pictures.append(doc.pixels)
             doc_ids[r, cur : cur + n] = d
             pos[r, cur : cur + n] = torch.arange(n)
             cur += n
@@ -152,10 +171,23 @@ def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens
     for r, row in enumerate(rows):
         not_pad[r, : sum(len(d) for d in row)] = True
     loss_mask = is_text & next_text & same_doc & not_pad & (labels != sp.boi) & (ids != sp.eos)
+    if sp.image_placeholder >= 0:
+        loss_mask &= labels != sp.image_placeholder
     loss_mask[:, -1] = False
     lat = torch.from_numpy(np.stack(latents).astype(np.float32)) if latents else None
     after = torch.tensor([d.caption_after for row in rows for d in row if d.latent is not None], dtype=torch.bool)
     plan = RoutePlan.build(image_ids, sp_shards)  # on the CPU here: no sync in the model's forward
+    pix = torch.from_numpy(np.stack(pictures)) if pictures else None
     return FusionBatch(
-        ids, image_ids, pos, doc_ids, lat, None, labels, loss_mask.float(), caption_after=after, route_plan=plan
+        ids,
+        image_ids,
+        pos,
+        doc_ids,
+        lat,
+        None,
+        labels,
+        loss_mask.float(),
+        caption_after=after,
+        pixel_values=pix,
+        route_plan=plan,
     )
