@@ -4,6 +4,7 @@
     python tools/estimate_memory.py --config llama3-70b-fusion --gpus 256
     python tools/estimate_memory.py --config llama3-8b-fusion --gpus 64 --step-time 9.5 --layouts
     python tools/estimate_memory.py --config tiny --dtype float32 --gpus 1
+    python tools/estimate_memory.py --config my-llava-fusion.yaml --hf-dir /models/llava-1.5-7b-hf --gpus 16
 
 Prints, for the config's TP x PP (x VPP) layout on --gpus GPUs, each pipeline stage's
 frozen bf16 weights, trainable weights, gradients, ZeRO-partitioned optimizer state (fp32
@@ -12,6 +13,13 @@ checkpointing and pipeline in-flight micro-batches) and the peak; then FLOPs per
 with --step-time, MFU. --layouts adds a table of the TP x PP x DP layouts that fit a GPU of
 --gpu-gb (with and without activation checkpointing). Exit status 1 if the config's layout
 does not fit. See megafusion/planning/memory.py for what is exact and what is modelled.
+
+The model's dimensions come from the config (for a LLaVA: a YAML whose model is its language
+model). When the run starts from a LLaVA (--hf-dir, or the config's checkpoint.hf_llama when that
+directory is readable here), its frozen CLIP vision tower + projector (LLaVA-Fusion) is added to the
+first stage's frozen weights: counted exactly from the LLaVA's config.json, in the parameter dtype,
+whole on every TP rank, no gradients or optimizer state. The directory's text dimensions must match
+the config's (as training requires).
 """
 
 from __future__ import annotations
@@ -21,6 +29,24 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _vision_spec(cfg, hf_dir: str | None):
+    """The LLaVA vision path of ``hf_dir`` (or of checkpoint.hf_llama when readable), None for a plain Llama.
+
+    ValueError if an explicit ``hf_dir`` has no config.json or its text dimensions differ from the config's.
+    """
+    from megafusion.checkpoint.hf_import import model_config_from_hf, read_hf_config, vision_spec_from_hf
+
+    path = hf_dir or cfg.checkpoint.hf_llama
+    if not path or (not hf_dir and not (Path(path) / "config.json").is_file()):
+        return None  # planning away from the weights: the config's model alone
+    hf, m = read_hf_config(path), cfg.model
+    theirs = model_config_from_hf(hf, image=m.image, boi_token_id=m.boi_token_id, eoi_token_id=m.eoi_token_id)
+    for key in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size"):
+        if getattr(theirs, key) != getattr(m, key):  # the check training makes (training/stages.py)
+            raise ValueError(f"{path}: {key}={getattr(theirs, key)} but the config says model.{key}={getattr(m, key)}")
+    return vision_spec_from_hf(hf)
 
 
 def main(argv=None) -> int:
@@ -36,6 +62,12 @@ def main(argv=None) -> int:
     ap.add_argument("--step-time", type=float, default=None, help="seconds per optimizer step, for MFU")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--layouts", action="store_true", help="also list the layouts that fit --gpu-gb")
+    ap.add_argument(
+        "--hf-dir",
+        default=None,
+        help="HF Llama or LLaVA directory the run starts from (only its config.json is read; default: the "
+        "config's checkpoint.hf_llama if readable); a LLaVA adds its frozen vision tower to the first stage",
+    )
     ap.add_argument(
         "--write-gbps",
         type=float,
@@ -55,6 +87,7 @@ def main(argv=None) -> int:
         mfu,
         stage_memory,
         step_flops,
+        vision_params,
     )
 
     try:
@@ -73,7 +106,8 @@ def main(argv=None) -> int:
     nbytes = 2 if args.dtype == "bfloat16" else 4
     lay = layout_of(cfg, gpus)
     try:
-        stages = stage_memory(cfg, lay, nbytes, args.image_fraction)
+        vision = _vision_spec(cfg, args.hf_dir)
+        stages = stage_memory(cfg, lay, nbytes, args.image_fraction, vision)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -86,6 +120,13 @@ def main(argv=None) -> int:
     for sm in stages:
         vals = (sm.frozen_weights, sm.trainable_weights, sm.gradients, sm.optimizer, sm.bucket, sm.activations, sm.peak)
         print(f"{sm.stage:>12s}  " + "  ".join(f"{human(v):>12s}" for v in vals))
+    if vision is not None:
+        n = vision_params(vision)
+        print(
+            f"LLaVA vision tower + projector: {n / 1e6:.1f}M frozen parameters ({vision.layers_needed} of "
+            f"{vision.num_layers} CLIP layers run) = {human(n * nbytes)} on every TP rank of the first stage "
+            "(in its frozen column; no gradients, no optimizer state)"
+        )
     peak = max(sm.peak for sm in stages)
     ok = peak <= 0.9 * args.gpu_gb * GIB
     print(f"peak {peak / GIB:.1f} GiB per GPU: {'fits' if ok else 'does NOT fit'} {args.gpu_gb:g} GiB (90% usable)")
@@ -113,9 +154,9 @@ def main(argv=None) -> int:
         rows = []
         for cand in candidate_layouts(cfg, gpus):
             c2 = with_layout(cfg, cand)
-            good, pk = fits(c2, cand, args.gpu_gb, nbytes, args.image_fraction)
+            good, pk = fits(c2, cand, args.gpu_gb, nbytes, args.image_fraction, vision=vision)
             if good:
-                worst = max(stage_memory(c2, cand, nbytes, args.image_fraction), key=lambda sm: sm.peak)
+                worst = max(stage_memory(c2, cand, nbytes, args.image_fraction, vision), key=lambda sm: sm.peak)
                 rows.append((pk, cand, worst))
         for pk, cand, worst in sorted(rows, key=lambda r: (r[1].pp, r[1].tp, r[1].activation_checkpointing))[:24]:
             print(f"{str(cand):>34s}  {pk:7.1f}Gi  {human(worst.activations):>12s}  {human(worst.optimizer):>10s}")

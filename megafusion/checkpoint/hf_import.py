@@ -40,14 +40,36 @@ def read_hf_config(path: str | Path) -> dict:
     return json.loads(cfg_path.read_text())
 
 
+LLAMA_CONFIG_DEFAULTS = {  # transformers' LlamaConfig defaults, which a LLaVA's text_config may leave out
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+
 def text_config_of(hf: dict) -> dict:
-    """The language model's part of a config.json: itself for a Llama, ``text_config`` for a LLaVA."""
+    """The language model's part of a config.json: itself for a Llama, ``text_config`` for a LLaVA.
+
+    The hub's LLaVA configs (llava-hf/llava-1.5-7b-hf) list only the text keys that differ from
+    LlamaConfig's defaults, which transformers fills in; so does this.
+    """
     kind = hf.get("model_type")
     if kind in VLM_TYPES:
         text = hf.get("text_config")
         if not isinstance(text, dict):
             raise HFCheckpointError(f"config.json model_type={kind!r} without a text_config")
-        return text
+        if text.get("model_type", "llama") != "llama":
+            raise HFCheckpointError(
+                f"config.json text_config.model_type={text.get('model_type')!r}; LLaVA-Fusion needs a Llama"
+            )
+        return {**LLAMA_CONFIG_DEFAULTS, **text}
     if kind is not None and (kind.startswith("llava") or "vision_config" in hf):
         raise HFCheckpointError(
             f"config.json model_type={kind!r} is not supported: vision-language models load as "

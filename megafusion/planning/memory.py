@@ -12,7 +12,12 @@ What is exact and what is modelled:
   * U-Net activations are measured by running the configured U-Nets (on 1 and 3 images);
   * pipeline schedules keep ``min(micro-batches, pp)`` micro-batches in flight on the first
     stage (1F1B), or megatron-core's interleaved warm-up count of model chunks; activation
-    checkpointing keeps each layer's input plus one layer being recomputed.
+    checkpointing keeps each layer's input plus one layer being recomputed;
+  * a LLaVA's frozen vision tower + projector (LLaVA-Fusion, ``vision=``: the ``VisionSpec`` of the
+    LLaVA directory, ``checkpoint.hf_import.vision_spec_from_hf``) is counted exactly by
+    :func:`vision_params`, in the parameter dtype, whole on every TP rank of the first pipeline stage,
+    with no gradients or optimizer state. It runs a forward with nothing requiring grad, so it keeps no
+    activations for backward; its transient forward buffers are not counted.
 The peak is the static part and the ZeRO bucket plus activations and gradients (added when a
 step has several micro-batches, since the first backward's gradients stay; otherwise the larger,
 as backward frees activations while it makes gradients), or the optimizer step's needs. ``tests/unit/test_planner.py``
@@ -28,6 +33,7 @@ import torch
 
 from megafusion.config.schema import Config
 from megafusion.config.validate import config_problems
+from megafusion.model.vision_tower import VisionSpec
 from megafusion.parallel.layout import Layout, with_layout
 from megafusion.parallel.megatron_config import padded_vocab_size
 from megafusion.training.flops import image_io_flops_per_image, planned_attention_pairs, transformer_flops_per_step
@@ -66,6 +72,22 @@ class StageMemory:
             self.activations + self.gradients if self.grads_during_forward else max(self.activations, self.gradients)
         )
         return static + self.bucket + max(fwd_bwd, self.gradients + self.step_transient)
+
+
+def vision_params(spec: VisionSpec) -> int:
+    """Parameters of a LLaVA's vision path as ``model.vision_tower.VisionPath`` builds it (exact).
+
+    Embeddings (class [h], patch conv [h, C, p, p] without bias, positions [(image/p)^2 + 1, h]),
+    pre_layrnorm, the ``layers_needed`` encoder layers (q/k/v/out h x h with bias, two LayerNorms,
+    fc1 h -> intermediate and fc2 back, with bias) and the projector (h x len(feature_layers) -> text
+    hidden -> text hidden, biases if ``projector_bias``); no post_layernorm, no layer LLaVA never reads.
+    """
+    h, inter, p, t = spec.hidden_size, spec.intermediate_size, spec.patch_size, spec.text_hidden_size
+    embeddings = h + h * spec.num_channels * p * p + ((spec.image_size // p) ** 2 + 1) * h
+    layer = 4 * (h * h + h) + 2 * 2 * h + (h * inter + inter) + (inter * h + h)
+    bias = int(spec.projector_bias)
+    projector = h * len(spec.feature_layers) * t + bias * t + t * t + bias * t
+    return embeddings + 2 * h + spec.layers_needed * layer + projector
 
 
 def _unet_params(cfg: Config) -> tuple[int, int]:
@@ -137,8 +159,18 @@ def in_flight(lay: Layout, num_micro: int, rank: int = 0) -> int:
     return min(num_micro * lay.vpp, warmup + 1)
 
 
-def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction: float = 0.5) -> list[StageMemory]:
-    """Memory of the first, (a middle,) and last pipeline stage under ``lay``."""
+def stage_memory(
+    cfg: Config,
+    lay: Layout,
+    dtype_bytes: int = 2,
+    image_fraction: float = 0.5,
+    vision: VisionSpec | None = None,
+) -> list[StageMemory]:
+    """Memory of the first, (a middle,) and last pipeline stage under ``lay``.
+
+    ``vision``: the model starts from a LLaVA (LLaVA-Fusion) with this vision path; its weights are
+    added to the first stage's frozen weights (every TP rank holds all of them).
+    """
     m = cfg.model
     if m.architecture != "llamafusion":
         raise ValueError(
@@ -181,6 +213,8 @@ def stage_memory(cfg: Config, lay: Layout, dtype_bytes: int = 2, image_fraction:
         if last:
             act += tokens * (1 - image_fraction) * (vpad / t) * 4 * 2  # fp32 logits of text tokens + their grad
         frozen = layers * tower + (vpad * h / t if first else 0) + ((vpad * h / t + h) if last else 0)
+        if first and vision is not None:  # replicated on every TP rank, first stage only (model.vision)
+            frozen += vision_params(vision)
         trainable = layers * tower + (2 * h + unet_in if first else 0) + (unet_out if last else 0)
         replica = unet_in if (last and not first and m.image.io == "unet") else 0
         # trainable gradients accumulate in fp32 whatever the weights' dtype (training/engine.py); the replica,
@@ -239,10 +273,16 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> list[La
 
 
 def fits(
-    cfg: Config, lay: Layout, gpu_gib: float, dtype_bytes: int = 2, image_fraction: float = 0.5, headroom: float = 0.9
+    cfg: Config,
+    lay: Layout,
+    gpu_gib: float,
+    dtype_bytes: int = 2,
+    image_fraction: float = 0.5,
+    headroom: float = 0.9,
+    vision: VisionSpec | None = None,
 ) -> tuple[bool, float]:
     """(fits, peak GiB): the worst stage's peak against ``headroom`` x the GPU (allocator slack, NCCL buffers)."""
-    peak = max(sm.peak for sm in stage_memory(cfg, lay, dtype_bytes, image_fraction)) / GIB
+    peak = max(sm.peak for sm in stage_memory(cfg, lay, dtype_bytes, image_fraction, vision)) / GIB
     return peak <= gpu_gib * headroom, peak
 
 

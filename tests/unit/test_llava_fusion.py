@@ -152,3 +152,68 @@ def test_placeholder_count_and_missing_tower_are_errors(llava_dir, tiny_hf, tmp_
     save_file(tensors, str(cut / "model.safetensors"))
     with pytest.raises(HFCheckpointError, match="projector.linear_2.bias tensor is missing"):
         _fusion(cut)
+
+
+def test_hub_config_with_default_keys_left_out():
+    """llava-hf/llava-1.5-7b-hf's config.json lists only non-default keys: read as transformers reads it."""
+    from transformers import LlavaConfig
+
+    from megafusion.checkpoint.hf_import import model_config_from_hf, vision_spec_from_hf
+
+    hub = {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "ignore_index": -100,
+        "image_token_index": 32000,
+        "model_type": "llava",
+        "pad_token_id": 32001,
+        "projector_hidden_act": "gelu",
+        "text_config": {
+            "_name_or_path": "lmsys/vicuna-7b-v1.5",
+            "architectures": ["LlamaForCausalLM"],
+            "max_position_embeddings": 4096,
+            "model_type": "llama",
+            "rms_norm_eps": 1e-05,
+            "torch_dtype": "float16",
+            "vocab_size": 32064,
+        },
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "vision_config": {
+            "hidden_size": 1024,
+            "image_size": 336,
+            "intermediate_size": 4096,
+            "model_type": "clip_vision_model",
+            "num_attention_heads": 16,
+            "num_hidden_layers": 24,
+            "patch_size": 14,
+            "projection_dim": 768,
+            "vocab_size": 32000,
+        },
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "vocab_size": 32064,
+    }
+    ref = LlavaConfig(**{k: v for k, v in hub.items() if k not in ("architectures", "model_type")})
+    m, v = model_config_from_hf(hub), vision_spec_from_hf(hub)
+    t = ref.text_config
+    assert (m.vocab_size, m.hidden_size, m.num_layers, m.num_attention_heads, m.num_kv_heads, m.ffn_hidden_size) == (
+        t.vocab_size,
+        t.hidden_size,
+        t.num_hidden_layers,
+        t.num_attention_heads,
+        t.num_key_value_heads,
+        t.intermediate_size,
+    )
+    assert m.rms_norm_eps == t.rms_norm_eps and m.max_position_embeddings == 4096
+    vc = ref.vision_config
+    assert (v.hidden_size, v.num_layers, v.num_heads, v.image_size, v.patch_size, v.hidden_act) == (
+        vc.hidden_size,
+        vc.num_hidden_layers,
+        vc.num_attention_heads,
+        vc.image_size,
+        vc.patch_size,
+        vc.hidden_act,
+    )
+    assert v.image_token_id == ref.image_token_id == 32000
+    assert v.tokens_per_image == 576 and v.layers_needed == 23
+    assert (m.boi_token_id, m.eoi_token_id) == (32062, 32063)

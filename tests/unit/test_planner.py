@@ -130,3 +130,111 @@ def test_converter_refuses_a_layout_by_the_config_split_rules(tiny_hf, tmp_path)
     with pytest.raises(ValueError, match="kv heads 2 not divisible by 4"):
         convert_hf_llama(tiny_hf, tmp_path / "out", cfg, tp=4, pp=1, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+LLAVA15_VISION = dict(  # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14-336, feature layer -2, 2-layer GELU projector
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_layers=24,
+    num_heads=16,
+    image_size=336,
+    patch_size=14,
+    num_channels=3,
+    layer_norm_eps=1e-5,
+    hidden_act="quick_gelu",
+    text_hidden_size=4096,
+    projector_act="gelu",
+    projector_bias=True,
+    feature_layers=(-2,),
+    keep_cls=False,
+    image_token_id=32000,
+)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},  # LLaVA-1.5-7B: 23 of 24 layers run
+        dict(feature_layers=(-1, 3, 0), keep_cls=True, projector_bias=False, text_hidden_size=8192),
+        dict(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, image_size=28, patch_size=7),
+    ],
+    ids=["llava-1.5-7b", "multi-layer-no-bias", "tiny"],
+)
+def test_vision_params_count_the_built_vision_path(changes):
+    import torch
+
+    from megafusion.model.vision_tower import VisionPath, VisionSpec
+    from megafusion.planning.memory import vision_params
+
+    spec = VisionSpec(**{**LLAVA15_VISION, **changes})
+    with torch.device("meta"):
+        built = sum(p.numel() for p in VisionPath(spec).parameters())
+    assert vision_params(spec) == built
+    if not changes:
+        assert spec.layers_needed == 23 and 300e6 < built < 320e6  # ViT-L minus a layer, plus a 21M projector
+
+
+def test_vision_path_is_frozen_weights_of_the_first_stage_only():
+    from megafusion.config import load_config
+    from megafusion.model.vision_tower import VisionSpec
+    from megafusion.parallel.layout import Layout, with_layout
+    from megafusion.planning.memory import stage_memory, vision_params
+
+    spec = VisionSpec(**LLAVA15_VISION)
+    n = vision_params(spec)
+    cfg = load_config("llama3-8b-fusion")
+    for lay in (Layout(8, 4, 2, 1, True, True, 1, 1), Layout(2, 1, 4, 1, True, True, 1, 1), Layout(1, 3, 1)):
+        c = with_layout(cfg, lay)
+        for nbytes in (2, 4):
+            plain, llava = stage_memory(c, lay, nbytes), stage_memory(c, lay, nbytes, vision=spec)
+            assert [s.stage for s in plain] == [s.stage for s in llava]
+            for a, b in zip(plain, llava):
+                # whole on every TP rank (no /tp), in the parameter dtype, nothing else changes
+                extra = n * nbytes if a.stage in ("first", "only") else 0
+                assert b.frozen_weights - a.frozen_weights == extra, (str(lay), a.stage)
+                assert b.peak - a.peak == extra
+                for field in ("trainable_weights", "gradients", "optimizer", "bucket", "activations"):
+                    assert getattr(a, field) == getattr(b, field), (str(lay), a.stage, field)
+
+
+def _estimate(argv, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("estimate_memory", ROOT / "tools" / "estimate_memory.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rc = tool.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_estimate_memory_reads_the_vision_tower_of_a_llava_dir(tmp_path, tiny_hf, capsys):
+    from megafusion.checkpoint.hf_import import read_hf_config, vision_spec_from_hf
+    from megafusion.planning.memory import vision_params
+    from tests.helpers import make_tiny_hf_llava
+
+    llava = make_tiny_hf_llava(tmp_path / "llava")
+    n = vision_params(vision_spec_from_hf(read_hf_config(llava)))
+    same_text = [  # the tiny LLaVA's language model (tests/helpers.py)
+        "model.vocab_size=300",
+        "model.hidden_size=64",
+        "model.num_layers=2",
+        "model.ffn_hidden_size=96",
+        "model.boi_token_id=297",
+        "model.eoi_token_id=298",
+    ]
+    opts = ["--dtype", "float32", "--gpus", "1"]
+    base = ["--config", "tiny", *same_text, *opts]
+    rc, plain = _estimate([*base, "--hf-dir", str(tiny_hf)], capsys)  # a plain Llama of the same text dims
+    assert rc == 0 and "vision tower" not in plain, plain
+    rc, out = _estimate([*base, "--hf-dir", str(llava)], capsys)
+    assert rc == 0, out
+    assert f"LLaVA vision tower + projector: {n / 1e6:.1f}M frozen parameters (2 of 3 CLIP layers run)" in out
+    # the same from the config's checkpoint.hf_llama
+    rc, from_cfg = _estimate(["--config", "tiny", *same_text, f"checkpoint.hf_llama={llava}", *opts], capsys)
+    assert rc == 0 and "LLaVA vision tower + projector" in from_cfg, from_cfg
+    # text dimensions that are not the config's are refused, as training refuses them
+    rc, bad = _estimate(["--config", "tiny", "--gpus", "1", "--hf-dir", str(llava)], capsys)
+    assert rc == 2 and "hidden_size=64 but the config says model.hidden_size=128" in bad, bad
+    rc, missing = _estimate([*base, "--hf-dir", str(tmp_path / "nowhere")], capsys)
+    assert rc == 2 and "config.json not found" in missing, missing
