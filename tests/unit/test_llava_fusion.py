@@ -100,10 +100,11 @@ def test_training_leaves_understanding_bit_identical(llava_dir):
     image_q = model.layers["0"].qkv.image.weight.detach().clone()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     gen = mixed_batch(300, image=TINY_IMAGE, seed=4)
-    for step in range(3):
+    for _ in range(3):
         und = FusionBatch.text_only(u_ids, labels=torch.roll(u_ids, -1, 1))
         und.pixel_values = u_pix
-        loss = model(gen).lm_loss + model(gen).image_pred.square().mean() + model(und).lm_loss
+        out = model(gen)
+        loss = out.lm_loss + out.image_pred.square().mean() + model(und).lm_loss
         opt.zero_grad()
         loss.backward()
         opt.step()
