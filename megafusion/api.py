@@ -107,8 +107,9 @@ class LlamaFusion(LlamaFusionModel):
         """Caption ids -> sampled latents [n, C, H, W] (prefix cached across steps; DDIM/DDPM; optional CFG)."""
         return generate.generate_images(self, prompt_ids, **kw)
 
-    def caption(self, latents: torch.Tensor, bos_token_id: int, **kw) -> list[list[int]]:
-        """Clean latents [n, C, H, W] -> caption ids per image."""
+    def caption(self, latents: torch.Tensor | None, bos_token_id: int, **kw) -> list[list[int]]:
+        """Clean latents [n, C, H, W] -> caption ids per image; from a LLaVA, ``caption(None, bos,
+        pixel_values=..., prompt_ids=...)`` captions pictures through its frozen vision path."""
         return generate.caption(self, latents, bos_token_id, **kw)
 
     def generate_interleaved(self, input_ids, **kw):

@@ -331,10 +331,16 @@ def _check_latents(model, latents: torch.Tensor) -> None:
         )
 
 
+def _until_eos(rows: list[list[int]], eos_token_id: int | None) -> list[list[int]]:
+    if eos_token_id is None:
+        return rows
+    return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in rows]
+
+
 @torch.no_grad()
 def caption(
     model,
-    latents: torch.Tensor,
+    latents: torch.Tensor | None,
     bos_token_id: int,
     eos_token_id: int | None = None,
     max_new_tokens: int = 32,
@@ -343,8 +349,36 @@ def caption(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     eos_check_every: int = EOS_CHECK_EVERY,
+    pixel_values: torch.Tensor | None = None,
+    prompt_ids: Sequence[int] = (),
 ) -> list[list[int]]:
-    """Clean image latents [n, C, H, W] -> caption ids per image (up to, not including, EOS)."""
+    """Clean image latents [n, C, H, W] -> caption ids per image (up to, not including, EOS).
+
+    LLaVA-Fusion: ``pixel_values`` [n, 3, H, W] instead of latents captions through the VLM's frozen path,
+    each prompt ``<s> <image> x P prompt_ids`` (``prompt_ids``: e.g. the tokens of "\nASSISTANT:"), exactly
+    as the VLM would; the image tower is not involved.
+    """
+    if pixel_values is not None:
+        if latents is not None:
+            raise ValueError("caption takes latents (image tower) or pixel_values (a LLaVA's vision path), not both")
+        if model.vision_spec is None:
+            raise ValueError("caption(pixel_values=...) needs a model built from a LLaVA (it has no vision tower)")
+        spec, n = model.vision_spec, pixel_values.shape[0]
+        row = [bos_token_id, *[spec.image_token_id] * spec.tokens_per_image, *map(int, prompt_ids)]
+        ids = torch.tensor([row] * n, device=_device(model))
+        out = generate_text(
+            model,
+            ids,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_p,
+            eos_token_id,
+            generator,
+            eos_check_every,
+            pixel_values=pixel_values,
+        )
+        return _until_eos(out[:, len(row) :].tolist(), eos_token_id)
     _check_latents(model, latents)
     dev = _device(model)
     n = latents.shape[0]
@@ -376,10 +410,7 @@ def caption(
         banned=(cfg.boi_token_id, cfg.eoi_token_id),
         eos_check_every=eos_check_every,
     )
-    out = []
-    for row in new.tolist():
-        out.append(row[: row.index(eos_token_id)] if eos_token_id is not None and eos_token_id in row else row)
-    return out
+    return _until_eos(new.tolist(), eos_token_id)
 
 
 @torch.no_grad()

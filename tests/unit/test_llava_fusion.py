@@ -218,3 +218,17 @@ def test_hub_config_with_default_keys_left_out():
     assert v.image_token_id == ref.image_token_id == 32000
     assert v.tokens_per_image == 576 and v.layers_needed == 23
     assert (m.boi_token_id, m.eoi_token_id) == (32062, 32063)
+
+
+def test_caption_with_pixels_equals_transformers_generate(llava_dir):
+    """``caption(pixel_values=...)``: the VLM's prompt <s> <image> x 16 prompt, decoded until EOS (id 2)."""
+    model, ref = _fusion(llava_dir), _hf(llava_dir)
+    pix = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(8))
+    prompt = [11, 12, 13]
+    ids = torch.tensor([[1, *[LLAVA_IMAGE_TOKEN] * P, *prompt]] * 3)
+    with torch.no_grad():
+        want = ref.generate(input_ids=ids, pixel_values=pix, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    got = model.caption(None, 1, pixel_values=pix, prompt_ids=prompt, max_new_tokens=10)
+    assert got == want[:, ids.shape[1] :].tolist()
+    with pytest.raises(ValueError, match="latents .* or pixel_values"):
+        model.caption(torch.zeros(3, 4, 8, 8), 1, pixel_values=pix)
