@@ -68,6 +68,10 @@ def _vae_fingerprint(vae_dir: str) -> str:
     return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
 
 
+SETTING_DEFAULTS = {"keep_pixels": 0}
+"""Settings added after manifests were first written, at the value those runs used."""
+
+
 def plan(inputs: list[str], out_dir: Path, settings: dict) -> list[tuple[str, Path]]:
     """Input shard -> output shard, fixed by a manifest so reruns map shards identically.
 
@@ -85,9 +89,8 @@ def plan(inputs: list[str], out_dir: Path, settings: dict) -> list[tuple[str, Pa
                 f"{manifest} was written for different inputs ({len(old['shards'])} shards); "
                 "use a new --output directory for a different --input"
             )
-        diff = {
-            k: (old.get("settings", {}).get(k), v) for k, v in settings.items() if old.get("settings", {}).get(k) != v
-        }
+        saved = {**SETTING_DEFAULTS, **old.get("settings", {})}  # manifests older than a setting had its default
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
             raise ValueError(
                 f"{manifest} was written with other settings {diff} (saved, now); "
@@ -143,6 +146,7 @@ def run(
         "min_size": opts.min_size,
         "max_pixels": opts.max_pixels,
         "vae_config": _vae_fingerprint(vae_dir),
+        "keep_pixels": opts.keep_pixels,  # a rerun with another --keep-pixels must not pass for done
     }
     pairs = plan(expand_all(input_pattern), out_dir, settings)
     todo = [(u, p) for u, p in pairs if not done_record(p).is_file()]

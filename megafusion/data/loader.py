@@ -164,6 +164,11 @@ class SlotReader:
         self.vlm = vlm_pictures(cfg)  # LLaVA-Fusion: image-first pairs with pictures go to the VLM's tower
         if self.vlm is not None:
             self.sp.image_placeholder = self.vlm.image_token_id
+            if cfg.data.seq_length < self.vlm.placeholders + 2:
+                raise ValueError(
+                    f"data.seq_length={cfg.data.seq_length} cannot hold one LLaVA picture "
+                    f"({self.vlm.placeholders} <image> placeholders + <s> </s>; data.vlm_understanding=true)"
+                )
         self.T = cfg.model.image.tokens_per_image
         img = cfg.model.image
         self.want = (img.latent_channels, img.latent_size, img.latent_size)
@@ -267,6 +272,11 @@ class SlotReader:
         if sample.key != d["k"]:
             raise ValueError(f"loader state expects {d['k']!r} at {d['ref']}, the data holds {sample.key!r}")
         if d.get("v"):
+            if self.vlm is None or sample.pixels is None:
+                raise ValueError(
+                    f"loader state holds a LLaVA picture document ({d['k']}): resume with "
+                    "data.vlm_understanding=true on the data it was saved with"
+                )
             pixels = self.vlm.normalise(sample.pixels, sample.key)
             return Document(list(d["t"]), key=d["k"], source=(sample.shard, sample.member), epoch=d["e"], pixels=pixels)
         s, toks = d["s"], d["t"]
@@ -329,6 +339,14 @@ class SlotReader:
         except BadSample:
             self.skipped += 1
 
+    def _text_ids(self, text: str) -> list[int]:
+        """Token ids of a caption or text; a LLaVA's ``<image>`` id is dropped from them (a literal "<image>" in
+        web text would otherwise claim a picture's features)."""
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        if self.vlm is not None:
+            ids = [i for i in ids if i != self.vlm.image_token_id]
+        return ids
+
     def _pixels(self, parts: dict[str, bytes]) -> np.ndarray | None:
         """The sample's stored picture when the run reads pictures (never decoded otherwise)."""
         return read_pixels(parts) if self.vlm is not None else None
@@ -378,12 +396,12 @@ class SlotReader:
         rng = self.pack_rng
         self.in_hand = sample
         while self.text is not None and rng.random() < self.ratio:  # text-only docs: a share `ratio` of all
-            ids = self.tok(self.text.next(), add_special_tokens=False)["input_ids"]
+            ids = self._text_ids(self.text.next())
             self.packer.add(make_document(ids, None, T, sp, True, s))
             while self.packer.ready() >= mb:
                 yield self._emit(mb)
         self.in_hand = None
-        ids = self.tok(sample.caption, add_special_tokens=False)["input_ids"]
+        ids = self._text_ids(sample.caption)
         if rng.random() < cfg.diffusion.caption_dropout:
             ids = []  # unconditional image for classifier-free guidance
         caption_first = rng.random() < cfg.data.caption_first_prob

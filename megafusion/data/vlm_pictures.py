@@ -26,7 +26,7 @@ PIXELS_EXT = "pixels.npy"
 
 
 class BadPicture(ValueError):
-    """A sample's stored picture cannot be read (the sample falls back to its latent, counted)."""
+    """A sample's stored picture cannot be read (the loader skips the sample and counts it)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,8 @@ def vlm_pictures(cfg: Config) -> VlmPictures | None:
     """The run's picture handling (None unless ``data.vlm_understanding``); a clear error if the base is no LLaVA."""
     if not cfg.data.vlm_understanding:
         return None
+    if not cfg.checkpoint.hf_llama:
+        raise ValueError("data.vlm_understanding=true needs checkpoint.hf_llama (the LLaVA directory)")
     hf_dir = Path(cfg.checkpoint.hf_llama)
     spec = vision_spec_from_hf(read_hf_config(hf_dir))
     if spec is None:

@@ -185,7 +185,8 @@ class LlamaFusionModel(nn.Module):
         return self.shared_tower or not is_text_tower_param(name)
 
     def freeze_text_tower(self) -> None:
-        """requires_grad=False on everything the base Llama owns (nothing in the Transfusion baseline)."""
+        """requires_grad=False on everything the base Llama owns (in the Transfusion baseline only a LLaVA's
+        vision path)."""
         for name, p in self.named_parameters():
             p.requires_grad_(self.trains(name))
 
@@ -268,7 +269,7 @@ class LlamaFusionModel(nn.Module):
                 "(it was built from a text-only Llama, not a LLaVA)"
             )
         feats = self.vision(batch.pixel_values)  # [n, P, h]
-        holders = (batch.input_ids == self.vision_spec.image_token_id).unsqueeze(-1)  # [b, s, 1]
+        holders = ((batch.input_ids == self.vision_spec.image_token_id) & (batch.image_ids < 0)).unsqueeze(-1)
         if batch.route_plan is None:  # user batches (loader batches were counted where they were packed)
             n_hold, n_feat = int(holders.sum()), feats.shape[0] * feats.shape[1]
             if n_hold != n_feat:
@@ -493,6 +494,10 @@ def _check_vision(cfg: ModelConfig, v: VisionSpec) -> None:
     if v.text_hidden_size != cfg.hidden_size:
         raise ValueError(
             f"the LLaVA projector outputs {v.text_hidden_size} features, model.hidden_size={cfg.hidden_size}"
+        )
+    if not 0 <= v.image_token_id < cfg.vocab_size:
+        raise ValueError(
+            f"the LLaVA's image_token_id {v.image_token_id} lies outside its vocabulary of {cfg.vocab_size}"
         )
     if v.image_token_id in (cfg.boi_token_id, cfg.eoi_token_id):
         raise ValueError(

@@ -232,3 +232,22 @@ def test_caption_with_pixels_equals_transformers_generate(llava_dir):
     assert got == want[:, ids.shape[1] :].tolist()
     with pytest.raises(ValueError, match="latents .* or pixel_values"):
         model.caption(torch.zeros(3, 4, 8, 8), 1, pixel_values=pix)
+
+
+def test_hub_tensor_layout_loads_the_same(llava_dir, tmp_path):
+    """The hub's v4 names: vision_tower.vision_model.* (transformers 5 saves vision_tower.* itself)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "hub"
+    shutil.copytree(llava_dir, out)
+    tensors = {
+        ("vision_tower.vision_model." + k[len("vision_tower.") :] if k.startswith("vision_tower.") else k): v
+        for k, v in load_file(str(llava_dir / "model.safetensors")).items()
+    }
+    assert any(k.startswith("vision_tower.vision_model.embeddings.") for k in tensors)
+    save_file(tensors, str(out / "model.safetensors"))
+    ids, pix = understanding_inputs(seed=9)
+    with torch.no_grad():
+        want = _hf(llava_dir)(input_ids=ids, pixel_values=pix).logits
+        assert (_fusion(out).text_logits(ids, pixel_values=pix) - want).abs().max().item() <= 1e-4
+        assert (_hf(out)(input_ids=ids, pixel_values=pix).logits - want).abs().max().item() <= 1e-6
