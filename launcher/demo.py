@@ -1,6 +1,6 @@
 """The main job on the bundled tiny default, stage by stage (what `make demo` runs).
 
-    python -m launcher.demo [--run-dir runs/demo] [--steps 2000] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
+    python -m launcher.demo [--run-dir runs/demo] [--steps 1000] [--nproc 2] [--tp 1] [--no-baseline] [key=value ...]
 
 1. the shapes dataset as webdataset shards        (tools/make_shapes_dataset.py)
 2. a small AutoencoderKL: the shipped one        (megafusion/assets/shapes_vae, made by tools/train_vae.py;
@@ -163,7 +163,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of training (1 = DP over --nproc)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the Transfusion-style baseline")
     ap.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the samples")
-    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the samples")
+    ap.add_argument(
+        "--guidance",
+        type=float,
+        default=2.0,
+        help="classifier-free guidance of the samples (2: generation shape 0.67 -> 0.83 at the 1000-step recipe)",
+    )
     ap.add_argument(
         "--train-vae",
         action="store_true",
