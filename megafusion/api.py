@@ -20,7 +20,7 @@ from megafusion.checkpoint.build import build_llamafusion
 from megafusion.checkpoint.export import load_exported
 from megafusion.checkpoint.hf_import import model_config_from_hf, read_hf_config
 from megafusion.config.schema import ImageConfig, ModelConfig
-from megafusion.inference import generate
+from megafusion.inference import editing, generate
 from megafusion.inference.load import Loaded
 from megafusion.inference.load import load_for_inference as _load_for_inference
 from megafusion.model.llamafusion import LlamaFusionModel
@@ -111,6 +111,11 @@ class LlamaFusion(LlamaFusionModel):
         """Clean latents [n, C, H, W] -> caption ids per image; from a LLaVA, ``caption(None, bos,
         pixel_values=..., prompt_ids=...)`` captions pictures through its frozen vision path."""
         return generate.caption(self, latents, bos_token_id, **kw)
+
+    def edit_image(self, source_latents: torch.Tensor, instruction_ids, bos_token_id: int, **kw) -> torch.Tensor:
+        """Clean source latents [n, C, H, W] + an instruction per source -> edited latents (the prefix cached
+        across denoising steps; ``text_guidance`` / ``image_guidance``: InstructPix2Pix-style guidance)."""
+        return editing.edit_image(self, source_latents, instruction_ids, bos_token_id, **kw)
 
     def generate_interleaved(self, input_ids, **kw):
         """One prompt -> (ids with <BOI>/<EOI> where images were made, their latents)."""

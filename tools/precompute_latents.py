@@ -42,6 +42,11 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", action="store_true", help="sample latents instead of the distribution's mode")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--edit",
+        action="store_true",
+        help="editing triples: each sample holds src.<img>, tgt.<img> and txt (the instruction); both are encoded",
+    )
+    ap.add_argument(
         "--keep-pixels",
         type=int,
         default=0,
@@ -70,6 +75,7 @@ def main(argv=None) -> int:
         sample=args.sample,
         seed=args.seed,
         keep_pixels=args.keep_pixels,
+        edit=args.edit,
     )
     try:
         run(

@@ -178,6 +178,9 @@ class DataConfig:
     """Optional text-only webdataset shards (a ``.txt`` member per sample) mixed into the sequences."""
     text_ratio: float = 0.0
     """Share of packed documents that are text-only (from ``text_path``)."""
+    edit_instruction_loss: bool = False
+    """Editing triples (``<s> <BOI> source <EOI> instruction <BOI> target <EOI> </s>``) take LM loss on their
+    text; off, only the target image's diffusion loss trains on them."""
     vlm_understanding: bool = False
     """LLaVA-Fusion (``checkpoint.hf_llama`` a LLaVA): an image-first pair whose sample holds its picture
     (``KEY.pixels.npy``, ``tools/precompute_latents.py --keep-pixels``) is laid out the VLM's way,
@@ -230,6 +233,9 @@ class DiffusionConfig:
     """Images whose caption follows them (image-first pairs) are noised with t < this, not t < num_timesteps:
     a caption cannot be learned from an image that noise has erased (Transfusion limits the noise of its
     captioning examples to t < 500 as well). num_timesteps turns the cap off."""
+    edit_source_dropout: float = 0.05
+    """Share of editing triples whose source image is dropped (the instruction alone conditions the target),
+    for image guidance when editing (InstructPix2Pix, BAGEL); the instruction is dropped at ``caption_dropout``."""
 
 
 @dataclass

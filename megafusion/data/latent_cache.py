@@ -64,6 +64,9 @@ class CacheOptions:
     sample: bool = False
     """Sample the latent distribution (seeded per sample) instead of taking its mode."""
     seed: int = 0
+    edit: bool = False
+    """Editing triples: each input sample holds ``src.<img>``, ``tgt.<img>`` and ``txt`` (the instruction); both
+    images are encoded and written as ``src.npy`` / ``tgt.npy`` beside ``txt`` (``data/loader.py`` reads them)."""
     keep_pixels: int = 0
     """> 0: also store the picture, center-cropped and resized to this many pixels, as ``KEY.pixels.npy``
     (uint8 [3, P, P]) for a LLaVA's vision tower (LLaVA-Fusion understanding pairs, ``data.vlm_understanding``)."""
@@ -211,6 +214,19 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _read_image(parts: dict[str, bytes], prefix: str, opts: CacheOptions, role: str):
+    """The ``{prefix}<ext>`` image of a sample (an editing triple's ``src.`` / ``tgt.``); BadSample reasons carry
+    the role: ``missing_tgt``, ``src:corrupt_image``, ..."""
+    ext = next((prefix + e for e in IMAGE_EXTS if prefix + e in parts), None)
+    if ext is None:
+        oversized = any(k.startswith("oversized_" + prefix) for k in parts)
+        raise BadSample(f"{role}:oversized_member" if oversized else f"missing_{role}")
+    try:
+        return decode_image(parts[ext], opts)
+    except BadSample as bad:
+        raise BadSample(f"{role}:{bad.reason}") from None
+
+
 def done_record(out_path: Path) -> Path:
     return out_path.with_name(out_path.name + ".done.json")
 
@@ -227,14 +243,19 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions, crash_af
     batch: list[tuple[str, torch.Tensor, str, dict, np.ndarray | None]] = []
     writer = wds.TarWriter(str(tmp))
 
+    names = ("src.npy", "tgt.npy") if opts.edit else ("npy",)
+
     def flush():
         if not batch:
             return
-        x = torch.stack([b[1] for b in batch])
-        seeds = [opts.seed * 1_000_003 + zlib.crc32(b[0].encode()) for b in batch]
+        x = torch.cat([b[1] for b in batch])  # [k * n, 3, R, R]: k images per sample (2 for a triple)
+        tags = [f"{b[0]}/{name}" if opts.edit else b[0] for b in batch for name in names]
+        seeds = [opts.seed * 1_000_003 + zlib.crc32(tag.encode()) for tag in tags]
         lat = encode_images(vae, x, opts, seeds).cpu().numpy().astype(np.float16)
-        for (key, _, caption, meta, pixels), z in zip(batch, lat):
-            sample = {"__key__": key, "npy": _npy_bytes(z), "txt": caption, "json": json.dumps(meta)}
+        lat = lat.reshape(len(batch), len(names), *lat.shape[1:])  # [n, k, C, h, w]
+        for (key, _, caption, meta, pixels), zs in zip(batch, lat):
+            sample = {"__key__": key, "txt": caption, "json": json.dumps(meta)}
+            sample.update({name: _npy_bytes(z) for name, z in zip(names, zs)})
             if pixels is not None:
                 sample["pixels.npy"] = _npy_bytes(pixels)
             writer.write(sample)
@@ -247,6 +268,18 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions, crash_af
             if crash_after is not None and counts["in"] > crash_after:
                 os._exit(17)  # fault injection for tests: the worker dies mid-shard
             try:
+                if opts.edit:
+                    caption = parts.get("txt", b"").decode("utf-8", errors="replace").strip()
+                    if not caption:
+                        raise BadSample("missing_instruction")
+                    src, tgt = (_read_image(parts, f"{role}.", opts, role) for role in ("src", "tgt"))
+                    meta = {"source_shard": in_url, "source_key": key, "width": src.width, "height": src.height}
+                    x = torch.stack([preprocess(src, opts.resolution), preprocess(tgt, opts.resolution)])
+                    pixels = None
+                    batch.append((key, x, caption, meta, pixels))
+                    if len(batch) >= opts.batch_size:
+                        flush()
+                    continue
                 ext = next((e for e in IMAGE_EXTS if e in parts), None)
                 if ext is None:
                     oversized = any(k.startswith("oversized_") for k in parts)
@@ -257,7 +290,7 @@ def process_shard(vae, in_url: str, out_path: Path, opts: CacheOptions, crash_af
                 im = decode_image(parts[ext], opts)
                 meta = {"source_shard": in_url, "source_key": key, "width": im.width, "height": im.height}
                 pixels = square_pixels(im, opts.keep_pixels) if opts.keep_pixels > 0 else None
-                batch.append((key, preprocess(im, opts.resolution), caption, meta, pixels))
+                batch.append((key, preprocess(im, opts.resolution)[None], caption, meta, pixels))
             except BadSample as bad:
                 counts["skipped/" + bad.reason] += 1
                 continue

@@ -68,7 +68,7 @@ def _vae_fingerprint(vae_dir: str) -> str:
     return hashlib.sha256(cfg.read_bytes()).hexdigest()[:16]
 
 
-SETTING_DEFAULTS = {"keep_pixels": 0}
+SETTING_DEFAULTS = {"keep_pixels": 0, "edit": False}
 """Settings added after manifests were first written, at the value those runs used."""
 
 
@@ -147,6 +147,7 @@ def run(
         "max_pixels": opts.max_pixels,
         "vae_config": _vae_fingerprint(vae_dir),
         "keep_pixels": opts.keep_pixels,  # a rerun with another --keep-pixels must not pass for done
+        "edit": opts.edit,
     }
     pairs = plan(expand_all(input_pattern), out_dir, settings)
     todo = [(u, p) for u, p in pairs if not done_record(p).is_file()]

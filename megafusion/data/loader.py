@@ -51,6 +51,7 @@ from megafusion.data.packing import (
     Packer,
     SpecialTokens,
     make_document,
+    make_edit_document,
     make_vlm_document,
     rows_to_batch,
     sequence_shards,
@@ -76,13 +77,25 @@ def special_tokens(tokenizer, cfg: Config) -> SpecialTokens:
     return SpecialTokens(bos=bos, eos=eos, pad=pad, boi=cfg.model.boi_token_id, eoi=cfg.model.eoi_token_id)
 
 
-def read_latent_sample(parts: dict[str, bytes]) -> tuple[np.ndarray, str, dict]:
-    """Explicit decoders: numpy without pickle, UTF-8, JSON."""
-    if "npy" not in parts or "txt" not in parts:
-        raise BadSample("missing_latent_or_caption")
-    latent = np.load(io.BytesIO(parts["npy"]), allow_pickle=False)
+def _latent(data: bytes) -> np.ndarray:
+    latent = np.load(io.BytesIO(data), allow_pickle=False)
     if not isinstance(latent, np.ndarray) or latent.ndim != 3:
         raise BadSample("bad_latent")
+    return latent
+
+
+def read_edit_source(parts: dict[str, bytes]) -> np.ndarray | None:
+    """An editing triple's source latent (``src.npy``; its target is ``tgt.npy``), None for a plain pair."""
+    return _latent(parts["src.npy"]) if "tgt.npy" in parts and "src.npy" in parts else None
+
+
+def read_latent_sample(parts: dict[str, bytes]) -> tuple[np.ndarray, str, dict]:
+    """Explicit decoders: numpy without pickle, UTF-8, JSON. An editing triple (``src.npy``/``tgt.npy``, from
+    ``tools/precompute_latents.py --edit``) gives its target here and its source by ``read_edit_source``."""
+    key = "tgt.npy" if "tgt.npy" in parts else "npy"
+    if key not in parts or "txt" not in parts:
+        raise BadSample("missing_latent_or_caption")
+    latent = _latent(parts[key])
     meta = json.loads(parts["json"].decode("utf-8")) if "json" in parts else {}
     return latent, parts["txt"].decode("utf-8"), meta
 
@@ -94,6 +107,7 @@ class Sample(NamedTuple):
     latent: np.ndarray
     caption: str
     pixels: np.ndarray | None = None  # uint8 [3, P, P] picture for a LLaVA's vision tower (KEY.pixels.npy)
+    source: np.ndarray | None = None  # an editing triple's source latent (the target is ``latent``)
 
 
 class TextReader:
@@ -211,11 +225,16 @@ class SlotReader:
     def _doc_state(self, d: Document) -> dict:
         if d.pixels is not None:  # a VLM-picture document: its tokens as they are, the picture re-read on resume
             return {"t": d.tokens, "v": 1, "ref": list(d.source), "e": d.epoch, "k": d.key}
+        if d.edit_source is not None:  # an editing triple: tokens with both images' placeholders, latents re-read
+            return {"t": d.tokens, "x": 1, "l": d.lm_loss, "ref": list(d.source), "e": d.epoch, "k": d.key}
         if d.latent is None:
             return {"t": d.tokens}
         s = d.image_start  # the image's -1 placeholders are not stored
         toks = d.tokens[:s] + d.tokens[s + self.T :]
-        return {"t": toks, "s": s, "a": d.caption_after, "ref": list(d.source), "e": d.epoch, "k": d.key}
+        st = {"t": toks, "s": s, "a": d.caption_after, "ref": list(d.source), "e": d.epoch, "k": d.key}
+        if not d.lm_loss:
+            st["l"] = False
+        return st
 
     def _restore(self, st: dict) -> None:
         if (st["slot"], st["slots"]) != (self.slot, self.slots):
@@ -254,7 +273,9 @@ class SlotReader:
                 if idx in members:
                     self.decodes += 1
                     latent, caption, _ = read_latent_sample(parts)
-                    got[(g, idx)] = Sample(g, idx, f"{self.shards[g]}#{key}", latent, caption, self._pixels(parts))
+                    got[(g, idx)] = Sample(
+                        g, idx, f"{self.shards[g]}#{key}", latent, caption, self._pixels(parts), read_edit_source(parts)
+                    )
                 if idx >= last:
                     break
         missing = set(refs) - set(got)
@@ -279,9 +300,26 @@ class SlotReader:
                 )
             pixels = self.vlm.normalise(sample.pixels, sample.key)
             return Document(list(d["t"]), key=d["k"], source=(sample.shard, sample.member), epoch=d["e"], pixels=pixels)
+        if d.get("x"):
+            if sample.source is None:
+                raise ValueError(f"loader state expects an editing triple at {d['k']!r}, the data holds a pair")
+            toks = list(d["t"])
+            return Document(
+                toks,
+                sample.latent,
+                toks.index(-1),
+                d["k"],
+                False,
+                (sample.shard, sample.member),
+                d["e"],
+                edit_source=sample.source,
+                lm_loss=d["l"],
+            )
         s, toks = d["s"], d["t"]
         tokens = toks[:s] + [-1] * self.T + toks[s:]
-        return Document(tokens, sample.latent, s, d["k"], d["a"], (sample.shard, sample.member), d["e"])
+        doc = Document(tokens, sample.latent, s, d["k"], d["a"], (sample.shard, sample.member), d["e"])
+        doc.lm_loss = d.get("l", True)
+        return doc
 
     def _units_of(self, epoch: int) -> list[dict]:
         return units_for(self.pool, epoch, self.cfg.seed, self.slot, self.slots, len(self.shards))
@@ -332,10 +370,11 @@ class SlotReader:
                 try:
                     latent, caption, _ = read_latent_sample(parts)
                     pixels = self._pixels(parts)
+                    source = read_edit_source(parts)
                 except (BadSample, ValueError, UnicodeDecodeError):  # a bad stored picture is a ValueError
                     self.skipped += 1
                     continue
-                yield Sample(g, idx, f"{self.shards[g]}#{key}", latent, caption, pixels)
+                yield Sample(g, idx, f"{self.shards[g]}#{key}", latent, caption, pixels, source)
         except BadSample:
             self.skipped += 1
 
@@ -369,7 +408,9 @@ class SlotReader:
             if self.in_hand is not None:  # restored inside its text-only documents: carry on with them
                 yield from self._pack(self.in_hand)
             for sample in self._shuffled():
-                if tuple(sample.latent.shape) != self.want:
+                if tuple(sample.latent.shape) != self.want or (
+                    sample.source is not None and tuple(sample.source.shape) != self.want
+                ):
                     raise ValueError(
                         f"{sample.key}: latent of shape {tuple(sample.latent.shape)}, the model expects {self.want} "
                         "(model.image.latent_channels/image_size/vae_downsample vs the cached --resolution and VAE)"
@@ -404,6 +445,16 @@ class SlotReader:
         ids = self._text_ids(sample.caption)
         if rng.random() < cfg.diffusion.caption_dropout:
             ids = []  # unconditional image for classifier-free guidance
+        if sample.source is not None:  # an editing triple: the source is dropped for image guidance at a rate
+            keep = rng.random() >= cfg.diffusion.edit_source_dropout
+            doc = make_edit_document(
+                ids, sample.source if keep else None, sample.latent, T, sp, s, cfg.data.edit_instruction_loss
+            )
+            doc.key, doc.source, doc.epoch = sample.key, (sample.shard, sample.member), self.epoch
+            self.packer.add(doc)
+            while self.packer.ready() >= mb:
+                yield self._emit(mb)
+            return
         caption_first = rng.random() < cfg.data.caption_first_prob
         if self.vlm is not None and not caption_first and ids and sample.pixels is not None:
             pixels = self.vlm.normalise(sample.pixels, sample.key)

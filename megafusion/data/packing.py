@@ -6,6 +6,9 @@ A document is one image-caption pair (or one text-only sample), laid out as
     image-first   :  <s> <BOI> image-tokens <EOI> caption </s>
     text-only     :  <s> text </s>
     VLM picture   :  <s> <image> x P caption </s>   (LLaVA-Fusion: the frozen vision tower's input)
+    editing       :  <s> <BOI> source <EOI> instruction <BOI> target <EOI> </s>
+                     (the source clean and without loss; LM loss on the text only with
+                     ``data.edit_instruction_loss``)
 
 Several documents are packed greedily into one sequence of ``seq_length``;
 a document that does not fit in what is left starts the next sequence and the
@@ -49,6 +52,11 @@ class Document:
     """The loader epoch the image was read in (a pending document can be packed in the next epoch's rows)."""
     pixels: np.ndarray | None = None
     """[3, H, W] float32 normalised picture of a VLM-picture document (its placeholders are text tokens)."""
+    edit_source: np.ndarray | None = None
+    """[C, h, w] clean latent of an editing triple's source image (its positions hold -2; ``latent`` is the
+    target's, at -1)."""
+    lm_loss: bool = True
+    """False: no LM loss anywhere in this document (editing triples without ``data.edit_instruction_loss``)."""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -91,6 +99,36 @@ def make_document(
         toks = [sp.bos, sp.boi, *image, sp.eoi, *cap, sp.eos]
         start = 2
     return Document(toks, latent, start, caption_after=not caption_first and bool(cap))
+
+
+SOURCE_PLACEHOLDER = -2
+"""Token value of an editing source's image positions in ``Document.tokens`` (the target's are -1)."""
+
+
+def make_edit_document(
+    instruction_ids: list[int],
+    source: np.ndarray | None,
+    target: np.ndarray,
+    tokens_per_image: int,
+    sp: SpecialTokens,
+    max_len: int,
+    instruction_loss: bool = False,
+) -> Document:
+    """One editing triple; ``source`` None (dropped for image guidance) leaves instruction -> target, a
+    caption-first pair. The instruction is cut to fit."""
+    if source is None:
+        doc = make_document(instruction_ids, target, tokens_per_image, sp, True, max_len)
+        doc.lm_loss = instruction_loss
+        return doc
+    room = max_len - 2 * tokens_per_image - 6  # <s> <BOI> <EOI> <BOI> <EOI> </s>
+    if room < 0:
+        raise ValueError(
+            f"data.seq_length={max_len} cannot hold an editing triple: 2 images of {tokens_per_image} tokens + 6"
+        )
+    src, tgt = [SOURCE_PLACEHOLDER] * tokens_per_image, [-1] * tokens_per_image
+    instr = instruction_ids[:room]
+    toks = [sp.bos, sp.boi, *src, sp.eoi, *instr, sp.boi, *tgt, sp.eoi, sp.eos]
+    return Document(toks, target, 4 + tokens_per_image + len(instr), edit_source=source, lm_loss=instruction_loss)
 
 
 def make_vlm_document(
@@ -144,6 +182,8 @@ def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens
     doc_ids = torch.zeros(b, s, dtype=torch.long)
     pos = torch.zeros(b, s, dtype=torch.long)
     latents: list[np.ndarray] = []
+    clean: list[bool] = []  # per image: an editing source (no noise, no loss)
+    no_lm = torch.zeros(b, s, dtype=torch.bool)
     pictures: list[np.ndarray] = []  # VLM pictures in row-major order: the order their placeholders fill
     for r, row in enumerate(rows):
         cur = 0
@@ -152,9 +192,16 @@ def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens
             toks = torch.tensor(doc.tokens, dtype=torch.long)
             is_img = toks < 0
             ids[r, cur : cur + n] = torch.where(is_img, torch.zeros_like(toks), toks)
+            if doc.edit_source is not None:  # the source appears first: it is the lower image id
+                image_ids[r, cur : cur + n][toks == SOURCE_PLACEHOLDER] = len(latents)
+                latents.append(doc.edit_source)
+                clean.append(True)
             if doc.latent is not None:
-                image_ids[r, cur : cur + n][is_img] = len(latents)
+                image_ids[r, cur : cur + n][toks == -1] = len(latents)
                 latents.append(doc.latent)
+                clean.append(False)
+            if not doc.lm_loss:
+                no_lm[r, cur : cur + n] = True
             if doc.pixels is not None:
                 pictures.append(doc.pixels)
             doc_ids[r, cur : cur + n] = d
@@ -173,9 +220,19 @@ def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens
     loss_mask = is_text & next_text & same_doc & not_pad & (labels != sp.boi) & (ids != sp.eos)
     if sp.image_placeholder >= 0:
         loss_mask &= labels != sp.image_placeholder
+    loss_mask &= ~no_lm
     loss_mask[:, -1] = False
     lat = torch.from_numpy(np.stack(latents).astype(np.float32)) if latents else None
-    after = torch.tensor([d.caption_after for row in rows for d in row if d.latent is not None], dtype=torch.bool)
+    after = torch.tensor(
+        [
+            a
+            for row in rows
+            for d in row
+            for a in ([False] if d.edit_source is not None else [])
+            + ([d.caption_after] if d.latent is not None else [])
+        ],
+        dtype=torch.bool,
+    )
     plan = RoutePlan.build(image_ids, sp_shards)  # on the CPU here: no sync in the model's forward
     pix = torch.from_numpy(np.stack(pictures)) if pictures else None
     return FusionBatch(
@@ -189,5 +246,6 @@ def rows_to_batch(rows: list[list[Document]], seq_length: int, sp: SpecialTokens
         loss_mask.float(),
         caption_after=after,
         pixel_values=pix,
+        clean_images=torch.tensor(clean, dtype=torch.bool) if any(clean) else None,
         route_plan=plan,
     )

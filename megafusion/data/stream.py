@@ -21,7 +21,7 @@ from megafusion.config.schema import Config
 from megafusion.data.latent_cache import expand_inputs
 from megafusion.data.loader_state import FORMAT, DataOrderWarning, redistribute, shards_crc
 from megafusion.data.synthetic import synthetic_batch
-from megafusion.diffusion.objective import noised, sample_timesteps
+from megafusion.diffusion.objective import noised, sample_timesteps, with_clean_sources
 from megafusion.diffusion.schedule import CosineSchedule
 from megafusion.model.batch import FusionBatch
 
@@ -53,6 +53,7 @@ def noised_item(
 ) -> TrainItem:
     """A clean micro-batch, its noise and timesteps -> what the stages consume (x_t in the batch, the target beside)."""
     noisy, target = noised(schedule, clean.latents, noise, t, cfg.diffusion.prediction)
+    noisy, t = with_clean_sources(noisy, clean.latents, t, clean.clean_images)  # editing sources stay clean
     return TrainItem(replace(clean, latents=noisy, timesteps=t).to(device), target.to(device))
 
 

@@ -8,7 +8,8 @@ Every training path calls these (``data.stream`` for noising, ``training.stages`
   that noise has not erased;
 * x_t = sqrt(a_bar_t) x0 + sqrt(1 - a_bar_t) eps (the cosine schedule, ``schedule.py``), and the
   model regresses eps or v (``diffusion.prediction``);
-* loss = lm_loss + ``diffusion.loss_weight`` x mse(prediction, target), the mse in fp32.
+* loss = lm_loss + ``diffusion.loss_weight`` x mse(prediction, target), the mse in fp32;
+* editing sources (``FusionBatch.clean_images``) are given clean, at timestep 0, and take no loss.
 """
 
 from __future__ import annotations
@@ -38,17 +39,33 @@ def noised(
     return schedule.add_noise(x0, noise, t), schedule.target(x0, noise, t, prediction)
 
 
-def diffusion_mse(pred: torch.Tensor | None, target: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def with_clean_sources(
+    x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, clean: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Editing sources (``clean`` [n] bool) back to their clean latents at timestep 0; others unchanged."""
+    if clean is None:
+        return x_t, t
+    return torch.where(clean[:, None, None, None], x0, x_t), torch.where(clean, torch.zeros_like(t), t)
+
+
+def diffusion_mse(
+    pred: torch.Tensor | None, target: torch.Tensor, like: torch.Tensor, clean: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean squared error in fp32; a zero scalar (on ``like``'s device) when the micro-batch holds no image.
 
     An empty ``pred`` [0, ...] (the up-sampler run on no image, so that ZeRO-2 sees its gradients) gives a
-    zero that keeps it in the graph.
+    zero that keeps it in the graph. ``clean`` [n] bool: images that take no loss (editing sources); the mean
+    runs over the others, without reading their number back to the host.
     """
     if pred is None:
         return like.new_zeros(())
     if pred.shape[0] == 0:
         return pred.float().sum() * 0.0
-    return F.mse_loss(pred.float(), target.float())
+    if clean is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_image = (pred.float() - target.float()).square().flatten(1).mean(1)  # [n]
+    keep = (~clean.to(per_image.device)).float()
+    return (per_image * keep).sum() / keep.sum().clamp(min=1.0)
 
 
 def total_loss(lm_loss: torch.Tensor, diffusion_loss: torch.Tensor, loss_weight: float) -> torch.Tensor:

@@ -43,6 +43,9 @@ class FusionBatch:
     """[n_vis, 3, H, W] pictures for a LLaVA's frozen vision tower (LLaVA-Fusion understanding): their
     features replace the ``<image>`` placeholder ids of ``input_ids`` in row-major order, image by image.
     Those positions are text positions (``image_ids`` -1). None without such pictures."""
+    clean_images: torch.Tensor | None = None
+    """[n_img] bool, True for an editing source: given clean (timestep 0, never noised) and taking no diffusion
+    loss; only the target it conditions is learned. None: no such image (every image is noised and learned)."""
     route_plan: RoutePlan | None = None
     """The token routes of ``image_ids`` (``RoutePlan.build``), computed where the batch is packed so the
     model's forward reads no size back from the device; None: the model builds them itself (with syncs).

@@ -76,7 +76,7 @@ class StageModule(nn.Module):
             _, skips = getattr(self, REPLICA)(batch.latents.to(x.dtype), batch.timesteps)
         out = core.heads(x, batch, state, skips)
         lm = out.lm_loss
-        diff = diffusion_mse(out.image_pred, noise, lm)
+        diff = diffusion_mse(out.image_pred, noise, lm, batch.clean_images)
         loss = total_loss(lm, diff, self.loss_weight)
         # clones: megatron-core divides the returned loss in place by the number of micro-batches
         return loss, {
