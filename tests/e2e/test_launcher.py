@@ -138,7 +138,7 @@ def test_demo_runs_every_stage(tmp_path):
     from launcher.demo import _sample_cmd, held_out
 
     model = run / "llamafusion"
-    args = argparse.Namespace(sample_steps=25, guidance=1.0)
+    args = argparse.Namespace(sample_steps=25, guidance=2.0)  # the demo's default --guidance
     cmd = _sample_cmd(run, model, 2, args, *held_out(run, 4))
     cmd[cmd.index("--out") + 1] = str(model / "samples_tp2")
     r = _run(cmd, timeout=300)
