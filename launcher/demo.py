@@ -15,9 +15,12 @@
    (tools/sample.py)
 7. the Transfusion-style baseline (model.architecture=transfusion: one tower, every weight trained),
    same data, steps and batch, started from the base Llama, and its samples
-8. scores (tools/evaluate.py) and a report: run/report/report.md with both models side by side
-Each model gets run/<model>/{train,samples,metrics.json}. Data stages are skipped when their
-output exists; the time of each stage is printed.
+8. image editing (--no-edit skips it): the bundled editing set (tools/make_shapes_edits.py), its latents
+   (tools/precompute_latents.py --edit), LlamaFusion fine-tuned on it from its trained weights
+   (launcher.train --config demo_edit), every held-out edit sampled (tools/sample.py --edit) and scored
+9. scores (tools/evaluate.py) and a report: run/report/report.md with both models side by side and the edits
+Each model gets run/<model>/{train,samples,metrics.json}, the editing fine-tune run/llamafusion_edit.
+Data stages are skipped when their output exists; the time of each stage is printed.
 """
 
 from __future__ import annotations
@@ -56,14 +59,15 @@ def _stage(name: str, cmd: list[str], watch=None) -> float:
 SAMPLE_EVAL_S = 20.0  # sampling + scoring one model before it has been measured (about 20 s on 2 cores)
 
 
-def _later_s(times: dict[str, float], names: list[str], i: int, steps: int) -> Callable[[float, float], float]:
-    """Seconds of the stages after training model ``names[i]``: its sampling and scoring, then each later
-    model's start-up, ``steps`` steps at the measured rate, sampling and scoring (measured ones reused)."""
+def _later_s(times: dict[str, float], plan: list[tuple[str, int]], i: int) -> Callable[[float, float], float]:
+    """Seconds of the stages after training stage ``plan[i]`` (plan: each training stage's name and steps, in
+    order): its sampling and scoring, then each later stage's start-up, its steps at the measured rate,
+    sampling and scoring (measured ones reused)."""
 
     def later(step_s: float, startup_s: float) -> float:
         done = [times[k] for k in times if k.startswith(("sample ", "evaluate "))]
         sample_eval = 2 * sum(done) / len(done) if done else SAMPLE_EVAL_S
-        return sample_eval + (len(names) - 1 - i) * (startup_s + steps * step_s + sample_eval)
+        return sample_eval + sum(startup_s + n * step_s + sample_eval for _, n in plan[i + 1 :])
 
     return later
 
@@ -149,6 +153,77 @@ def train_command(run: Path, name: str, config: str, nproc: int, tp: int, run_di
     return [*_launch(nproc), "-m", "launcher.train", "--config", config, *train]
 
 
+def held_out_edits(run: Path, seed: int = 778) -> Path:
+    """Every held-out edit of the bundled set once (combinations the fine-tune never sees edited), each
+    source freshly drawn; writes run/held_out_edits/edits.json, the tools/sample.py --edit list."""
+    from megafusion.demo.shape_edits import edits, instruction_for
+    from megafusion.demo.shapes import draw_shape
+
+    rng = random.Random(seed)
+    folder = run / "held_out_edits"
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i, (src, attr, value) in enumerate(edits("held_out")):
+        name = f"{i:03d}_{attr}.png"
+        draw_shape(src["color"], src["shape"], src["position"], size=64, jitter=0.03, rng=rng).save(folder / name)
+        items.append({"source": name, "instruction": instruction_for(attr, value), "source_attributes": src})
+    (folder / "edits.json").write_text(json.dumps(items, indent=1))
+    return folder / "edits.json"
+
+
+def edit_train_command(run: Path, nproc: int, tp: int, overrides: list[str]) -> list[str]:
+    """The editing fine-tune: --config demo_edit from the LlamaFusion run's checkpoints (its weights only)."""
+    train = [
+        f"data.path={run / 'data' / 'edit_latents'}/latents-*.tar",
+        f"data.tokenizer={run / 'tokenizer'}",
+        f"logging.run_dir={run / 'llamafusion_edit' / 'train'}",
+        f"checkpoint.hf_llama={run / 'base_llama'}",
+        f"checkpoint.load={run / 'llamafusion' / 'train' / 'checkpoints'}",
+        f"parallel.tensor_parallel={tp}",
+        *overrides,
+    ]
+    return [*_launch(nproc), "-m", "launcher.train", "--config", "demo_edit", *train]
+
+
+def _edit_overrides(args) -> list[str]:
+    """The editing fine-tune's overrides: the demo's ``model.*`` ones (they must match the checkpoint) and
+    ``--edit-steps``; the rest of its recipe is the demo_edit preset's."""
+    own = [o for o in args.overrides if o.startswith("model.")]
+    return own + ([f"optim.train_steps={args.edit_steps}"] if args.edit_steps else [])
+
+
+def _edit_stages(run: Path, args, resolution: int, times: dict[str, float], edit_list: Path, watch) -> None:
+    """Editing set, its latents, the fine-tune, edits of every held-out combination, their scores."""
+    data, latents, out = run / "data" / "edits", run / "data" / "edit_latents", run / "llamafusion_edit"
+    if not list(data.glob("*.tar")):
+        times["edit dataset"] = _stage(
+            "edit dataset",
+            [sys.executable, "tools/make_shapes_edits.py", "--output", str(data), "--num", str(args.edit_samples)]
+            + ["--shard-size", "500", "--size", "64"],
+        )
+    if not list(latents.glob("latents-*.tar")):
+        times["edit latents"] = _stage(
+            "edit latents",
+            [sys.executable, "tools/precompute_latents.py", "--edit", "--input", str(data / "edits-*.tar")]
+            + ["--output", str(latents), "--vae", str(run / "vae"), "--resolution", str(resolution)]
+            + ["--batch-size", "64", "--num-workers", "2"],
+        )
+    times["train edit"] = _stage(
+        "train edit", edit_train_command(run, args.nproc, args.tp, _edit_overrides(args)), watch
+    )
+    times["sample edit"] = _stage(
+        "sample edit",
+        [*_launch(args.tp), "tools/sample.py", "--tp", str(args.tp), "--checkpoint", str(out / "train" / "checkpoints")]
+        + ["--vae", str(run / "vae"), "--tokenizer", str(run / "tokenizer"), "--out", str(out / "samples")]
+        + ["--steps", str(args.sample_steps), "--edit", str(edit_list)]
+        + ["--text-guidance", str(args.text_guidance), "--image-guidance", str(args.image_guidance)],
+    )
+    times["evaluate edit"] = _stage(
+        "evaluate edit",
+        [sys.executable, "tools/evaluate.py", "--samples", str(out / "samples"), "--out", str(out / "metrics.json")],
+    )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", default="runs/demo")
@@ -162,6 +237,13 @@ def main(argv=None) -> int:
     ap.add_argument("--nproc", type=int, default=2, help="training processes")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of training (1 = DP over --nproc)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the Transfusion-style baseline")
+    ap.add_argument("--no-edit", action="store_true", help="skip the image-editing fine-tune and its scores")
+    ap.add_argument("--edit-samples", type=int, default=2000, help="triples in the editing set")
+    ap.add_argument(
+        "--edit-steps", type=int, default=None, help="fine-tuning steps on edits (default: the demo_edit preset's)"
+    )
+    ap.add_argument("--text-guidance", type=float, default=2.0, help="editing: instruction guidance of the samples")
+    ap.add_argument("--image-guidance", type=float, default=1.0, help="editing: source-image guidance (0 = off)")
     ap.add_argument("--sample-steps", type=int, default=25, help="denoising steps of the samples")
     ap.add_argument(
         "--guidance",
@@ -207,6 +289,13 @@ def main(argv=None) -> int:
         load_config(args.config, [f"parallel.tensor_parallel={args.tp}", *extra]), world_size=args.nproc
     )  # fail before any stage runs
     img, steps = cfg.model.image, cfg.optim.train_steps
+    edit_steps = 0
+    if not args.no_edit:
+        edit_cfg = validate_config(
+            load_config("demo_edit", [f"parallel.tensor_parallel={args.tp}", *_edit_overrides(args)]),
+            world_size=args.nproc,
+        )
+        edit_steps = edit_cfg.optim.train_steps
     vae, tok, base, conv = run / "vae", run / "tokenizer", run / "base_llama", run / f"converted_tp{CONVERT_TP}"
     copy_vae = not args.train_vae and not (vae / "config.json").is_file()
     if copy_vae:  # the shipped VAE fits one latent geometry
@@ -219,6 +308,7 @@ def main(argv=None) -> int:
                 f"{img.vae_downsample}, model.image.latent_channels={img.latent_channels}: add --train-vae"
             )
     prompts, images = held_out(run, args.eval_samples)  # the same for both models; checks --eval-samples up front
+    edit_list = None if args.no_edit else held_out_edits(run)
     times: dict[str, float] = {}
     data = run / "data" / "shapes"
     if not list(data.glob("*.tar")):
@@ -338,9 +428,12 @@ def main(argv=None) -> int:
         print("[demo] data stages done (--data-only): " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
         return 0
     names = ["llamafusion"] + ([] if args.no_baseline else ["transfusion"])
-    for i, name in enumerate(names):
+    plan = [("llamafusion", steps)] + ([] if args.no_edit else [("edit", edit_steps)])
+    plan += [(n, steps) for n in names[1:]]
+    for name in names:
         out = run / name
-        watch = TrainingWatch(f"train {name}", out / "train" / "metrics.jsonl", steps, _later_s(times, names, i, steps))
+        i = [n for n, _ in plan].index(name)
+        watch = TrainingWatch(f"train {name}", out / "train" / "metrics.jsonl", steps, _later_s(times, plan, i))
         times[f"train {name}"] = _stage(
             f"train {name}", train_command(run, name, args.config, args.nproc, args.tp, out / "train", extra), watch
         )
@@ -362,10 +455,16 @@ def main(argv=None) -> int:
                 str(out / "metrics.json"),
             ],
         )
+        if name == "llamafusion" and edit_list is not None:
+            i = [n for n, _ in plan].index("edit")
+            metrics_file = run / "llamafusion_edit" / "train" / "metrics.jsonl"
+            watch = TrainingWatch("train edit", metrics_file, edit_steps, _later_s(times, plan, i))
+            _edit_stages(run, args, img.image_size, times, edit_list, watch)
     from megafusion.demo.report import write_report
 
     metrics = {name: json.loads((run / name / "metrics.json").read_text()) for name in names}
-    report = write_report(run, metrics, times)
+    editing = None if edit_list is None else json.loads((run / "llamafusion_edit" / "metrics.json").read_text())
+    report = write_report(run, metrics, times, editing)
     print("[demo] stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     print(f"[demo] total {sum(times.values()):.0f}s; report {report}")
     return 0

@@ -9,6 +9,8 @@
   read from the pixels, match the prompt;
 * understanding: share of generated captions (tools/sample.py --images) naming the image's true
   colour, shape and position (--truth: JSON image path -> attributes);
+* editing: share of edits (tools/sample.py --edit, records with ``source_attributes``) whose instructed
+  attribute has the instructed value while the other two are kept, per edit type;
 * language: held-out text perplexity of --base-llama (transformers) and of the trained model's
   text path (--checkpoint); equal for LlamaFusion.
 """
@@ -33,12 +35,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="metrics.json to write")
     args = ap.parse_args(argv)
 
-    from megafusion.demo.evaluation import caption_scores, fusion_perplexity, generation_scores
+    from megafusion.demo.evaluation import caption_scores, edit_scores, fusion_perplexity, generation_scores
 
     if not (Path(args.samples) / "samples.json").is_file():
         print(f"error: {args.samples}: no samples.json (run tools/sample.py first)", file=sys.stderr)
         return 2
     metrics: dict = {"generation": generation_scores(args.samples)}
+    editing = edit_scores(args.samples)
+    if editing:
+        metrics["editing"] = editing
     if args.truth:
         metrics["understanding"] = caption_scores(args.samples, json.loads(Path(args.truth).read_text()))
     if args.base_llama:
@@ -59,11 +64,13 @@ def main(argv=None) -> int:
     from megafusion.durable import write_text
 
     write_text(out, json.dumps(metrics, indent=1))
+    fmt = lambda vals: ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items())  # noqa: E731
     for part, vals in metrics.items():
-        print(
-            f"[evaluate] {part}: "
-            + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in vals.items())
-        )
+        if part == "editing":
+            for kind, v in vals.items():
+                print(f"[evaluate] editing {kind}: {fmt(v)}")
+        else:
+            print(f"[evaluate] {part}: {fmt(vals)}")
     return 0
 
 

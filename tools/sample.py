@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Sample from a trained LlamaFusion: text -> image, image -> caption, text -> text.
+"""Sample from a trained LlamaFusion: text -> image, image -> caption, text -> text, image + instruction -> image.
 
     python tools/sample.py --checkpoint runs/demo/llamafusion/train/checkpoints --vae runs/demo/vae \\
         --prompts "a red circle at the top left" "a blue square at the center" --out samples/
     python tools/sample.py --checkpoint exported/ --vae vae/ --images a.png b.png --out samples/
     python tools/sample.py --checkpoint exported/ --text "The capital of France is" --out samples/
+    python tools/sample.py --checkpoint runs/demo/llamafusion_edit/train/checkpoints --vae runs/demo/vae \
+        --edit edits.json --text-guidance 2 --image-guidance 1.5 --out samples/
     torchrun --nproc_per_node 2 tools/sample.py --tp 2 ...        # tensor parallel (NCCL on GPUs, gloo on CPU)
     srun --ntasks 2 python tools/sample.py --tp 2 ...             # the same under SLURM (SLURM_PROCID/NTASKS)
 
@@ -12,6 +14,11 @@
 `latest` pointer. Writes into --out: images.png (the samples, each prompt under its image),
 captions.png (input images with their captions), and samples.json (prompts, seeds, settings,
 token ids and texts). Prompts are tokenized as in training: <s> caption, then <BOI>.
+
+--edit reads a JSON list of {"source": image path, "instruction": text, ...} (other keys are kept in
+samples.json) and writes edits.png (each source beside its edit, the instruction underneath) and
+edit_NNN.png; the source and instruction sit in the KV prefix, computed once per batch
+(LlamaFusion.edit_image). --text-guidance and --image-guidance are the two scales (0 = off).
 """
 
 from __future__ import annotations
@@ -35,6 +42,13 @@ def _args(argv):
     ap.add_argument("--prompts-file", help="a text file, one caption per line")
     ap.add_argument("--images", nargs="*", default=[], help="image files to caption")
     ap.add_argument("--text", nargs="*", default=[], help="text prompts to continue")
+    ap.add_argument("--edit", help='JSON list of {"source": image, "instruction": text} to edit')
+    ap.add_argument(
+        "--text-guidance", type=float, default=None, help="editing: instruction guidance (default --guidance; 0 = off)"
+    )
+    ap.add_argument(
+        "--image-guidance", type=float, default=0.0, help="editing: source-image guidance (0 = off; needs text)"
+    )
     ap.add_argument("--steps", type=int, default=50, help="denoising steps")
     ap.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (0 = unguided)")
@@ -50,6 +64,21 @@ def _args(argv):
     )
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA when available")
     return ap.parse_args(argv)
+
+
+def _edit_list(path: str) -> list[dict]:
+    """The --edit file: a JSON list of objects, each with a "source" image path and an "instruction" text."""
+    try:
+        items = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--edit {path}: {exc}") from None
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"--edit {path}: expected a non-empty JSON list of {{source, instruction}} objects")
+    for k, e in enumerate(items):
+        if not isinstance(e, dict) or not isinstance(e.get("source"), str) or not isinstance(e.get("instruction"), str):
+            raise ValueError(f'--edit {path}: item {k} needs a "source" path and an "instruction" text, got {e!r}')
+    base = Path(path).parent
+    return [{**e, "source": str(e["source"] if Path(e["source"]).is_absolute() else base / e["source"])} for e in items]
 
 
 def _tokenizer(args, loaded):
@@ -94,15 +123,22 @@ def main(argv=None) -> int:
     prompts = list(args.prompts)
     if args.prompts_file:
         prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
-    if not (prompts or args.images or args.text):
-        print("error: nothing to do: give --prompts/--prompts-file, --images or --text", file=sys.stderr)
+    try:
+        edits = _edit_list(args.edit) if args.edit else []
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    if (prompts or args.images) and not args.vae:
-        print("error: --vae is needed to decode sampled images and to encode --images", file=sys.stderr)
+    if not (prompts or args.images or args.text or edits):
+        print("error: nothing to do: give --prompts/--prompts-file, --images, --text or --edit", file=sys.stderr)
         return 2
-    missing = [p for p in args.images if not Path(p).is_file()]
+    if (prompts or args.images or edits) and not args.vae:
+        print(
+            "error: --vae is needed to decode sampled images and to encode --images and --edit sources", file=sys.stderr
+        )
+        return 2
+    missing = [p for p in args.images + [e["source"] for e in edits] if not Path(p).is_file()]
     if missing:
-        print(f"error: --images: no such file(s): {missing}", file=sys.stderr)
+        print(f"error: --images/--edit: no such file(s): {missing}", file=sys.stderr)
         return 2
     from megafusion.parallel.rank_env import rank_env
 
@@ -161,6 +197,7 @@ def main(argv=None) -> int:
         "images": [],
         "captions": [],
         "text": [],
+        "edits": [],
     }
     t0 = time.time()
     g = torch.Generator().manual_seed(args.seed)
@@ -220,6 +257,47 @@ def main(argv=None) -> int:
         if rank0:
             _grid(pics, texts, out / "captions.png")
 
+    if edits:
+        from PIL import Image
+
+        from megafusion.inference.editing import edit_image
+
+        opts = CacheOptions(resolution=img_cfg.image_size)
+        text_g = args.guidance if args.text_guidance is None else args.text_guidance
+        image_g = args.image_guidance if args.image_guidance > 0 and text_g > 0 else None
+        sources, edited = [], []
+        for i in tqdm(range(0, len(edits), args.batch_size), desc="editing", disable=not rank0):
+            chunk = edits[i : i + args.batch_size]
+            pics = [Image.open(e["source"]).convert("RGB") for e in chunk]
+            lat = encode_images(vae, torch.stack([preprocess(im, img_cfg.image_size) for im in pics]), opts)
+            out_lat = edit_image(
+                model,
+                lat,
+                [tok(e["instruction"], add_special_tokens=False)["input_ids"] for e in chunk],
+                bos_token_id=tok.bos_token_id,
+                num_steps=args.steps,
+                sampler=args.sampler,
+                text_guidance=text_g if text_g > 0 else None,
+                image_guidance=image_g,
+                generator=g,
+                num_train_timesteps=loaded.num_train_timesteps,
+                prediction=loaded.prediction,
+            )
+            shift = getattr(vae.config, "shift_factor", None) or 0.0
+            with torch.no_grad():
+                pix = vae.decode((out_lat / vae.config.scaling_factor + shift).to(dev, vae.dtype)).sample.float()
+            sources += [im.resize((img_cfg.image_size, img_cfg.image_size)) for im in pics]
+            edited += [_to_pil(x) for x in pix.cpu()]
+        for k, e in enumerate(edits):
+            record["edits"].append({**e, "file": f"edit_{k:03d}.png", "index": k})
+        if rank0:
+            pairs = [im for pair in zip(sources, edited) for im in pair]
+            labels = [lab for e in edits for lab in ("source", e["instruction"])]
+            _grid(pairs, labels, out / "edits.png")
+            for k, im in enumerate(edited):
+                im.save(out / f"edit_{k:03d}.png")
+        record["settings"]["text_guidance"], record["settings"]["image_guidance"] = text_g, image_g
+
     for prompt in args.text:
         ids = torch.tensor([tok(prompt)["input_ids"]])
         new = generate_text(
@@ -241,7 +319,7 @@ def main(argv=None) -> int:
         write_text(out / "samples.json", json.dumps(record, indent=1))
         print(
             f"wrote {out}: {len(record['images'])} images, {len(record['captions'])} captions, "
-            f"{len(record['text'])} texts in {record['seconds']} s"
+            f"{len(record['text'])} texts, {len(record['edits'])} edits in {record['seconds']} s"
         )
     torch.distributed.destroy_process_group()
     return 0

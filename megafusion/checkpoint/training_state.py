@@ -250,20 +250,26 @@ def verify_shared(path: Path, needed: list[str], index: dict[str, Any], shared: 
         raise CheckpointError(bad[0] + (f" (and {len(bad) - 1} more on other ranks)" if len(bad) > 1 else ""))
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
-    """Collective: restore trainable weights, this rank's ZeRO partition and RNG; returns meta.json."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, weights_only: bool = False) -> dict[str, Any]:
+    """Collective: restore trainable weights, this rank's ZeRO partition and RNG; returns meta.json.
+
+    ``weights_only``: the trainable weights alone (a fine-tune from a trained run): the optimizer
+    starts fresh from them, the RNG is left as it is, and the optimizer files are not read.
+    """
     path = Path(path)
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no meta.json)")
     meta = json.loads(meta_path.read_text())
     now = _layout()
-    if meta["layout"] != {k: now[k] for k in meta["layout"]}:  # weights-only checkpoints carry no DP size
+    # weights-only checkpoints carry no DP size, and the weights of a trained one fit any DP size
+    keys = [k for k in meta["layout"] if not (weights_only and k == "dp")]
+    if {k: meta["layout"][k] for k in keys} != {k: now[k] for k in keys}:
         raise CheckpointError(
             f"{path}: saved with layout {meta['layout']}, this run is {now}; "
             "convert or reshard the checkpoint to this layout first"
         )
-    weights_only = bool(meta.get("weights_only", False))
+    weights_only = weights_only or bool(meta.get("weights_only", False))
     universal = meta.get("optimizer_format") == "universal"  # written by the resharder, any DP size
     tp, pp, dp = _ranks()
     if not (path / INDEX).is_file():

@@ -247,6 +247,10 @@ class CheckpointConfig:
     tiny preset only)."""
     load: str = ""
     """megafusion checkpoint to start from when ``save`` has no ``latest`` yet ('' = none)."""
+    load_weights_only: bool = False
+    """Fine-tuning (Megatron-LM's ``--finetune``): take only the trainable weights of ``load``; the step,
+    the optimizer, the LR schedule and the data stream start anew. A preempted fine-tune still resumes
+    fully from its own ``save`` directory."""
     save: str = ""
     """Directory for checkpoints ('' = run_dir/checkpoints); a run resumes from its ``latest``."""
     interval: int = 1000

@@ -3,6 +3,8 @@
 * generation: a generated image is read with ``shapes.read_attributes`` and compared
   with the attributes its prompt names (``shapes.parse_caption``);
 * understanding: a generated caption is parsed and compared with the image's true attributes;
+* editing: an edited image (tools/sample.py --edit) is correct when its instructed attribute has the
+  instructed value and the other two are the source's (``shape_edits.score_edit``), per edit type;
 * language: perplexity on held-out text, of the base HF Llama and of the trained model's
   text path (``LlamaFusion.text_logits``): equal for LlamaFusion, whose text tower is frozen.
 """
@@ -48,6 +50,36 @@ def caption_scores(samples_dir: str | Path, truth: dict[str, dict]) -> dict[str,
     if missing:
         raise ValueError(f"no true attributes for {missing[:3]} in the truth file")
     return _shares((parse_caption(r["caption"]), truth[r["image"]]) for r in rec["captions"])
+
+
+def edit_scores(samples_dir: str | Path) -> dict[str, dict[str, float]]:
+    """Per edit type (colour, shape, position) and over all: shares of tools/sample.py edits that are correct,
+    that changed the instructed attribute (``edited``) and that kept the other two (``kept``).
+
+    Each edit record needs the source's attributes (``source_attributes``, as launcher.demo writes them);
+    records without them are not scored.
+    """
+    from PIL import Image
+
+    from megafusion.demo.shape_edits import ATTRIBUTES, parse_instruction, score_edit
+
+    d = Path(samples_dir)
+    rec = json.loads((d / "samples.json").read_text())
+    scored = [
+        (
+            parse_instruction(r["instruction"]),
+            score_edit(r["source_attributes"], r["instruction"], Image.open(d / r["file"])),
+        )
+        for r in rec.get("edits", [])
+        if "source_attributes" in r
+    ]
+    out: dict[str, dict[str, float]] = {}
+    for kind in (*ATTRIBUTES, "all"):
+        part = [s for asked, s in scored if kind == "all" or (asked and asked[0] == kind)]
+        if part:
+            out[kind] = {k: sum(s[k] for s in part) / len(part) for k in ("correct", "edited", "kept")}
+            out[kind]["n"] = len(part)
+    return out
 
 
 def fusion_perplexity(model, tokenizer, texts: list[str]) -> float:

@@ -81,16 +81,40 @@ def _comparison(metrics: dict[str, dict]) -> list[str]:
     return lines
 
 
-def write_report(run: str | Path, metrics: dict[str, dict], stage_seconds: dict[str, float]) -> Path:
+def _editing(run: Path, rep: Path, editing: dict) -> list[str]:
+    """The editing section: scores per edit type, the source/edit grid and the fine-tune's losses."""
+    scores = editing.get("editing", {})
+    lines = [
+        "## Image editing (LlamaFusion fine-tuned on the bundled editing set)",
+        "",
+        "Every held-out edit (a source combination and instruction the fine-tune never saw edited) once. "
+        "Correct: the instructed attribute has the instructed value and the other two are the source's, "
+        "read from the pixels.",
+        "",
+        "| edit type | n | correct | edited attribute right | other two kept |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, v in scores.items():
+        lines.append(f"| {kind} | {v['n']} | {v['correct']:.3f} | {v['edited']:.3f} | {v['kept']:.3f} |")
+    loss_plot(run / "llamafusion_edit" / "train" / "metrics.jsonl", rep / "loss_llamafusion_edit.png")
+    grid = os.path.relpath(run / "llamafusion_edit" / "samples" / "edits.png", rep)
+    return [*lines, "", f"![sources and their edits]({grid})", "", "![editing losses](loss_llamafusion_edit.png)", ""]
+
+
+def write_report(
+    run: str | Path, metrics: dict[str, dict], stage_seconds: dict[str, float], editing: dict | None = None
+) -> Path:
     """run/report/report.md (+ a loss plot per model, metrics.json) from a demo run folder.
 
     ``metrics`` maps a model name to its tools/evaluate.py metrics; model ``m``'s training
-    metrics and samples are in run/m/train/metrics.jsonl and run/m/samples.
+    metrics and samples are in run/m/train/metrics.jsonl and run/m/samples. ``editing``: the
+    tools/evaluate.py metrics of the editing fine-tune (run/llamafusion_edit), None without one.
     """
     run = Path(run)
     rep = run / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    (rep / "metrics.json").write_text(json.dumps({**metrics, "stage_seconds": stage_seconds}, indent=1))
+    extra = {} if editing is None else {"llamafusion_edit": editing}
+    (rep / "metrics.json").write_text(json.dumps({**metrics, **extra, "stage_seconds": stage_seconds}, indent=1))
     rel = lambda p: os.path.relpath(p, rep)  # noqa: E731
     lines = [
         "# megafusion run report",
@@ -118,6 +142,8 @@ def write_report(run: str | Path, metrics: dict[str, dict], stage_seconds: dict[
             f"![{name} losses](loss_{name}.png)",
             "",
         ]
+    if editing is not None:
+        lines += _editing(run, rep, editing)
     lines += [
         "## Stage times (s)",
         "",

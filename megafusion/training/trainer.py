@@ -153,17 +153,22 @@ class Trainer:
 
     def maybe_resume(self) -> bool:
         path = latest_checkpoint(self.save_dir)
+        finetune = False
         if path is None and self.cfg.checkpoint.load:
             path = latest_checkpoint(self.cfg.checkpoint.load) or Path(self.cfg.checkpoint.load)
+            finetune = self.cfg.checkpoint.load_weights_only
         if path is None:
             return False
-        meta = load_checkpoint(path, self.engine.module, self.optimizer)
+        meta = load_checkpoint(path, self.engine.module, self.optimizer, weights_only=finetune)
         saved_src, now_src = meta.get("frozen_source"), frozen_source_fingerprint(self.hf_dir)
         if isinstance(saved_src, dict) and saved_src.get("files") != now_src["files"]:
             raise ValueError(
                 f"{path}: its frozen text tower came from {saved_src.get('path')} with files {saved_src.get('files')}, "
                 f"but checkpoint.hf_llama={self.hf_dir} has {now_src['files']}; resume with the same base Llama"
             )
+        if finetune:  # step 0, fresh optimizer and data stream: only the weights come from the trained run
+            self.log(f"[train] fine-tuning from the weights of {path} (step {meta.get('step', 0)} there; here step 0)")
+            return True
         pos = meta.get("data_position", {})
         saved_dp = int(pos.get("dp", meta.get("resharded_from", meta["layout"]).get("dp", self.dp_size)))
         saved_micro = pos.get("micro_batches_per_step", self.num_micro) * saved_dp

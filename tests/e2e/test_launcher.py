@@ -95,7 +95,8 @@ def test_torchrun_tp2_sp_training_run(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
     """What `make demo` runs, shortened: dataset -> VAE, base Llama -> convert (TP=2) -> reshard (TP=1) -> Ray
-    latents -> DP=2 training of LlamaFusion and of the Transfusion-style baseline -> samples -> scores -> report."""
+    latents -> DP=2 training of LlamaFusion, its editing fine-tune and the Transfusion-style baseline -> samples
+    -> scores -> report."""
     r = _run(
         [
             sys.executable,
@@ -111,6 +112,10 @@ def test_demo_runs_every_stage(tmp_path):
             "20",
             "--eval-samples",
             "4",
+            "--edit-samples",
+            "100",
+            "--edit-steps",
+            "3",
         ],
         timeout=900,
     )
@@ -134,6 +139,19 @@ def test_demo_runs_every_stage(tmp_path):
     assert base_lang["trained_perplexity"] != base_lang["base_perplexity"]
     report = (run / "report" / "report.md").read_text()
     assert "| score | llamafusion | transfusion |" in report and (run / "report" / "loss_transfusion.png").is_file()
+    # the editing stage: a fine-tune from LlamaFusion's trained weights, every held-out edit sampled and scored
+    from megafusion.demo.shape_edits import edits
+
+    n_edits = len(edits("held_out"))
+    last = run / "llamafusion" / "train" / "checkpoints" / "step_00000003"
+    assert f"fine-tuning from the weights of {last} (step 3 there; here step 0)" in r.stdout + r.stderr
+    assert (run / "llamafusion_edit" / "train" / "checkpoints" / "step_00000003").is_dir()
+    summary = json.loads((run / "data" / "edit_latents" / "summary.json").read_text())
+    assert summary["out"] == 100
+    rec = json.loads((run / "llamafusion_edit" / "samples" / "samples.json").read_text())
+    assert len(rec["edits"]) == n_edits and (run / "llamafusion_edit" / "samples" / "edits.png").is_file()
+    assert metrics["llamafusion_edit"]["editing"]["all"]["n"] == n_edits
+    assert "## Image editing" in report and (run / "report" / "loss_llamafusion_edit.png").is_file()
     # the TP=1-trained checkpoint sampled at TP=2 gives the same samples
     from launcher.demo import _sample_cmd, held_out
 

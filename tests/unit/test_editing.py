@@ -189,3 +189,63 @@ def test_checker_scores_the_bundled_edits():
         meta = json.loads(s["json"])
         assert score_edit(meta["source"], s["txt"], Image.open(io.BytesIO(s["tgt.png"])))["correct"]
         assert not score_edit(meta["source"], s["txt"], Image.open(io.BytesIO(s["src.png"])))["correct"]
+
+
+def test_edit_scores_per_type_from_the_pixels(tmp_path):
+    """edit_scores on the true targets is all correct; on the unchanged sources nothing is edited, all is kept."""
+    from PIL import Image
+
+    from megafusion.demo.evaluation import edit_scores
+    from megafusion.demo.shape_edits import parse_instruction
+
+    recs = {"tgt": [], "src": []}
+    for k, s in enumerate(triples_of_each_type()):
+        meta = json.loads(s["json"])
+        for which in recs:
+            Image.open(io.BytesIO(s[f"{which}.png"])).save(tmp_path / f"{which}_{k}.png")
+            recs[which].append(
+                {"instruction": s["txt"], "source_attributes": meta["source"], "file": f"{which}_{k}.png"}
+            )
+    for which, want in (("tgt", (1.0, 1.0, 1.0)), ("src", (0.0, 0.0, 1.0))):
+        d = tmp_path / which
+        d.mkdir()
+        for r in recs[which]:
+            (d / r["file"]).write_bytes((tmp_path / r["file"]).read_bytes())
+        (d / "samples.json").write_text(json.dumps({"edits": recs[which] + [{"instruction": "x", "file": "none"}]}))
+        scores = edit_scores(d)
+        kinds = {parse_instruction(r["instruction"])[0] for r in recs[which]}
+        assert set(scores) == kinds | {"all"} and scores["all"]["n"] == len(recs[which])  # unlabelled record skipped
+        for kind in scores:
+            assert (scores[kind]["correct"], scores[kind]["edited"], scores[kind]["kept"]) == want
+
+
+def triples_of_each_type():
+    """Two held-out triples of each edit type."""
+    from megafusion.demo.shape_edits import triples
+
+    out, count = [], {}
+    for s in triples(60, split="held_out", seed=5):
+        attr = json.loads(s["json"])["attribute"]
+        count[attr] = count.get(attr, 0) + 1
+        if count[attr] <= 2:
+            out.append(s)
+    return out
+
+
+def test_the_demo_tokenizer_gains_the_editing_words_without_changing_an_id(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megafusion.demo.shape_edits import all_edits, instruction_for
+    from megafusion.demo.tokenizer import EDIT_WORDS, shapes_vocabulary, write_word_tokenizer
+
+    old = write_word_tokenizer(tmp_path / "tok", shapes_vocabulary())  # a run folder made before the editing words
+    before = AutoTokenizer.from_pretrained(str(old)).get_vocab()
+    write_word_tokenizer(tmp_path / "tok")
+    after = AutoTokenizer.from_pretrained(str(old)).get_vocab()
+    assert {w: after[w] for w in before} == before and set(after) - set(before) == set(EDIT_WORDS)
+    tok = AutoTokenizer.from_pretrained(str(old))
+    for _, attr, value in all_edits():
+        assert tok.unk_token_id not in tok(instruction_for(attr, value))["input_ids"]
+    other = write_word_tokenizer(tmp_path / "other", ["zebra"])  # not a prefix of the demo's words: kept as it is
+    write_word_tokenizer(other)
+    assert set(AutoTokenizer.from_pretrained(str(other)).get_vocab()) == {"<pad>", "<unk>", "<s>", "</s>", "zebra"}
