@@ -44,10 +44,12 @@ def _stage(name: str, cmd: list[str], watch=None) -> float:
     """Run one stage; ``watch`` (a megafusion.demo.progress.TrainingWatch) reports the time left meanwhile."""
     print(f"[demo] {name}: {' '.join(cmd)}", flush=True)
     t0 = time.time()
+    from megafusion.console import torchrun_env
+
     if watch is not None:
         watch.start()
     try:
-        r = subprocess.run(cmd, cwd=ROOT)
+        r = subprocess.run(cmd, cwd=ROOT, env=torchrun_env() if "torch.distributed.run" in cmd else None)
     finally:
         if watch is not None:
             watch.stop()
@@ -276,6 +278,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="stop after the data stages (dataset, VAE, base Llama, conversion, latents)",
     )
+    ap.add_argument("--log-scale", action="store_true", help="the report's loss curves on a log axis")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the demo preset, for both models")
     args = ap.parse_args(argv)
 
@@ -464,7 +467,7 @@ def main(argv=None) -> int:
 
     metrics = {name: json.loads((run / name / "metrics.json").read_text()) for name in names}
     editing = None if edit_list is None else json.loads((run / "llamafusion_edit" / "metrics.json").read_text())
-    report = write_report(run, metrics, times, editing)
+    report = write_report(run, metrics, times, editing, log_scale=args.log_scale)
     print("[demo] stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     print(f"[demo] total {sum(times.values()):.0f}s; report {report}")
     return 0

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     from megafusion.training.preemption import StopSignal
 
     stop = StopSignal().install()
+    from megafusion.console import quiet_known_warnings, silence_other_ranks
+
+    quiet_note = quiet_known_warnings()  # before megatron-core / DeepSpeed are imported: they warn at import
     ap = argparse.ArgumentParser(
         prog="python -m launcher.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -90,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(cfg.logging.run_dir)
     rank = ranks.rank
+    silence_other_ranks(rank, cfg.logging.all_ranks)
     if rank == 0:
+        print(quiet_note + ("" if cfg.logging.all_ranks else "; other ranks' warnings off (logging.all_ranks=true)"))
         dump_config(cfg, run_dir / "config.yaml")
         print(
             f"[launcher] config {cfg.name!r} valid for world size {world}; "

@@ -50,6 +50,9 @@ def _vision_spec(cfg, hf_dir: str | None):
 
 
 def main(argv=None) -> int:
+    from megafusion.console import quiet_known_warnings
+
+    quiet_known_warnings()  # before megatron-core / DeepSpeed / diffusers are imported (megafusion/console.py)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="preset name or YAML")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides")

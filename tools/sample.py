@@ -39,7 +39,11 @@ def _args(argv):
     ap.add_argument("--tokenizer", help="HF tokenizer directory (default: the checkpoint's, then the base Llama's)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--prompts", nargs="*", default=[], help="captions to draw")
-    ap.add_argument("--prompts-file", help="a text file, one caption per line")
+    ap.add_argument(
+        "--prompts-file",
+        help="a text file, one caption per line, or a COCO-style JSON (captions_*.json: its annotations' "
+        "captions, or a list of {caption, id / image_id}); the ids are kept in samples.json",
+    )
     ap.add_argument("--images", nargs="*", default=[], help="image files to caption")
     ap.add_argument("--text", nargs="*", default=[], help="text prompts to continue")
     ap.add_argument("--edit", help='JSON list of {"source": image, "instruction": text} to edit')
@@ -64,6 +68,32 @@ def _args(argv):
     )
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: CUDA when available")
     return ap.parse_args(argv)
+
+
+def _prompt_file(path: str) -> tuple[list[str], list[dict]]:
+    """Captions of a --prompts-file and, per caption, the ids to keep ({} for a text file)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ValueError(f"--prompts-file {path}: {exc}") from None
+    if p.suffix != ".json":
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return lines, [{} for _ in lines]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--prompts-file {path}: not JSON ({exc})") from None
+    items = data.get("annotations") if isinstance(data, dict) else data
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"--prompts-file {path}: expected a COCO captions file (annotations) or a list of captions")
+    caps, ids = [], []
+    for k, a in enumerate(items):
+        if not isinstance(a, dict) or not isinstance(a.get("caption"), str):
+            raise ValueError(f'--prompts-file {path}: item {k} has no "caption" text: {a!r}')
+        caps.append(" ".join(a["caption"].split()))
+        ids.append({key: a[key] for key in ("id", "image_id") if key in a})
+    return caps, ids
 
 
 def _edit_list(path: str) -> list[dict]:
@@ -119,10 +149,20 @@ def _to_pil(x):
 
 
 def main(argv=None) -> int:
+    from megafusion.console import quiet_known_warnings
+
+    quiet_known_warnings()  # before megatron-core / DeepSpeed / diffusers are imported (megafusion/console.py)
     args = _args(argv)
     prompts = list(args.prompts)
+    prompt_ids: list[dict] = [{} for _ in prompts]
     if args.prompts_file:
-        prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+        try:
+            more, ids = _prompt_file(args.prompts_file)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        prompts += more
+        prompt_ids += ids
     try:
         edits = _edit_list(args.edit) if args.edit else []
     except ValueError as exc:
@@ -224,8 +264,9 @@ def main(argv=None) -> int:
                 pix = vae.decode((lat / vae.config.scaling_factor + shift).to(dev, vae.dtype)).sample.float().cpu()
             for p, ids_p, x in zip(chunk, ids, pix):
                 pils.append(_to_pil(x))
+                k = len(pils) - 1
                 record["images"].append(
-                    {"prompt": p, "prompt_ids": ids_p, "file": "images.png", "index": len(pils) - 1}
+                    {"prompt": p, "prompt_ids": ids_p, "file": f"image_{k:03d}.png", "index": k, **prompt_ids[k]}
                 )
         if rank0:
             _grid(pils, prompts, out / "images.png")

@@ -272,6 +272,8 @@ class LoggingConfig:
     """Steps between log lines."""
     tensorboard: bool = True
     """Write TensorBoard scalars to run_dir/tb."""
+    all_ranks: bool = False
+    """Print every rank's Python warnings and library log lines (default: rank 0's only)."""
     peak_tflops: float = 0.0
     """Peak device TFLOP/s for MFU (0 = known GPU table, or a measured matmul on CPU)."""
 

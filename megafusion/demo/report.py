@@ -1,49 +1,66 @@
-"""The run report of the bundled pipeline: a Markdown page with sample grids, loss curves and scores.
+"""The run report of the bundled pipeline: Markdown and HTML pages with sample grids, loss curves and scores.
 
-Plots are drawn with PIL (already a dependency) so the report needs nothing else.
+Loss curves are matplotlib figures with axes and a legend, both models on one plot (log scale with
+``log_scale``); the HTML page holds the same content as the Markdown, for a browser.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+SERIES = (("loss", "black"), ("lm_loss", "tab:blue"), ("diffusion_loss", "tab:red"))
+STYLES = ("-", "--", ":", "-.")
 
-SERIES = (("loss", (30, 30, 30)), ("lm_loss", (40, 80, 220)), ("diffusion_loss", (220, 40, 40)))
 
-
-def loss_plot(metrics_jsonl: str | Path, out_png: str | Path, width: int = 640, height: int = 360) -> Path:
-    """Training losses per step (last record of each step wins), one line per series, min/max on the axis."""
+def _records(metrics_jsonl: Path) -> dict[int, dict]:
     recs: dict[int, dict] = {}
     for line in Path(metrics_jsonl).read_text().splitlines():
-        r = json.loads(line)
-        recs[r["step"]] = r
-    steps = sorted(recs)
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, width - 20, 20, height - 40
-    d.rectangle((left, top, right, bottom), outline=(160, 160, 160))
-    values = [recs[s][k] for s in steps for k, _ in SERIES if k in recs[s]]
-    if steps and values:
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1.0
+        if line.strip():
+            r = json.loads(line)
+            recs[r["step"]] = r  # a resumed run re-logs steps: the last record of each step wins
+    return recs
 
-        def xy(step: int, v: float) -> tuple[float, float]:
-            fx = (step - steps[0]) / max(1, steps[-1] - steps[0])
-            return left + fx * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top)
 
-        for i, (key, color) in enumerate(SERIES):
-            pts = [xy(s, recs[s][key]) for s in steps if key in recs[s]]
-            if len(pts) > 1:
-                d.line(pts, fill=color, width=2)
-            d.text((left + 10 + 150 * i, bottom + 18), key, fill=color)
-        d.text((4, top), f"{hi:.2f}", fill="black")
-        d.text((4, bottom - 10), f"{lo:.2f}", fill="black")
-        d.text((left, bottom + 4), f"step {steps[0]}", fill="black")
-        d.text((right - 70, bottom + 4), f"step {steps[-1]}", fill="black")
-    img.save(out_png)
+def loss_plot(
+    runs: dict[str, str | Path], out_png: str | Path, log_scale: bool = False, title: str = "training losses"
+) -> Path:
+    """The losses of each run (name -> metrics.jsonl) against the step on one plot: a colour per loss, a line
+    style per run; each curve a moving average (window 2% of the steps) over the raw values drawn faintly."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for i, (name, path) in enumerate(runs.items()):
+        recs = _records(Path(path))
+        steps = sorted(recs)
+        for key, color in SERIES:
+            xs = [s for s in steps if key in recs[s]]
+            ys = np.array([recs[s][key] for s in xs], dtype=float)
+            if not len(xs) or (key == "lm_loss" and not ys.any()):  # an editing fine-tune has no LM loss
+                continue
+            w = max(1, len(xs) // 50)
+            smooth = np.convolve(ys, np.ones(w) / w, mode="valid")
+            style = STYLES[i % len(STYLES)]
+            ax.plot(xs, ys, color=color, alpha=0.15, linewidth=0.6, linestyle=style)
+            ax.plot(xs[w - 1 :], smooth, color=color, linewidth=1.6, linestyle=style, label=f"{name} {key}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss" + (" (log scale)" if log_scale else ""))
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
     return Path(out_png)
 
 
@@ -96,19 +113,28 @@ def _editing(run: Path, rep: Path, editing: dict) -> list[str]:
     ]
     for kind, v in scores.items():
         lines.append(f"| {kind} | {v['n']} | {v['correct']:.3f} | {v['edited']:.3f} | {v['kept']:.3f} |")
-    loss_plot(run / "llamafusion_edit" / "train" / "metrics.jsonl", rep / "loss_llamafusion_edit.png")
+    loss_plot(
+        {"editing fine-tune": run / "llamafusion_edit" / "train" / "metrics.jsonl"},
+        rep / "loss_llamafusion_edit.png",
+        title="editing fine-tune: target-image loss",
+    )
     grid = os.path.relpath(run / "llamafusion_edit" / "samples" / "edits.png", rep)
     return [*lines, "", f"![sources and their edits]({grid})", "", "![editing losses](loss_llamafusion_edit.png)", ""]
 
 
 def write_report(
-    run: str | Path, metrics: dict[str, dict], stage_seconds: dict[str, float], editing: dict | None = None
+    run: str | Path,
+    metrics: dict[str, dict],
+    stage_seconds: dict[str, float],
+    editing: dict | None = None,
+    log_scale: bool = False,
 ) -> Path:
-    """run/report/report.md (+ a loss plot per model, metrics.json) from a demo run folder.
+    """run/report/report.md and report.html (+ the loss curves, metrics.json) from a demo run folder.
 
     ``metrics`` maps a model name to its tools/evaluate.py metrics; model ``m``'s training
     metrics and samples are in run/m/train/metrics.jsonl and run/m/samples. ``editing``: the
     tools/evaluate.py metrics of the editing fine-tune (run/llamafusion_edit), None without one.
+    ``log_scale``: the loss curves on a log axis.
     """
     run = Path(run)
     rep = run / "report"
@@ -129,8 +155,9 @@ def write_report(
         *_comparison(metrics),
         "",
     ]
+    loss_plot({n: run / n / "train" / "metrics.jsonl" for n in metrics}, rep / "losses.png", log_scale)
+    lines += ["## Training losses", "", "![training losses of every model](losses.png)", ""]
     for name in metrics:
-        loss_plot(run / name / "train" / "metrics.jsonl", rep / f"loss_{name}.png")
         samples = run / name / "samples"
         lines += [
             f"## {TITLES.get(name, name)}",
@@ -138,8 +165,6 @@ def write_report(
             f"![{name} generated images]({rel(samples / 'images.png')})",
             "",
             f"![{name} captioned images]({rel(samples / 'captions.png')})",
-            "",
-            f"![{name} losses](loss_{name}.png)",
             "",
         ]
     if editing is not None:
@@ -155,4 +180,50 @@ def write_report(
         "",
     ]
     (rep / "report.md").write_text("\n".join(lines))
+    (rep / "report.html").write_text(markdown_to_html(lines, "megafusion run report"))
     return rep / "report.md"
+
+
+_IMAGE = re.compile(r"^!\[(.*)\]\((.*)\)$")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with `code` spans."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text, quote=False))
+
+
+def markdown_to_html(lines: list[str], title: str) -> str:
+    """The report's Markdown subset (headings, pipe tables, images on their own line, paragraphs) as one
+    HTML page; image paths stay relative, so the page sits beside the Markdown and shows the same PNGs."""
+    out = [
+        "<!doctype html>",
+        f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+        "img{max-width:100%}</style></head><body>",
+    ]
+    table: list[list[str]] = []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-", ":"} for c in cells):  # the |---| rule line
+                table.append(cells)
+            continue
+        if table:
+            head, *body = table
+            out.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body]
+            out.append("</table>")
+            table = []
+        if not line.strip():
+            continue
+        level = len(line) - len(line.lstrip("#"))
+        image = _IMAGE.match(line.strip())
+        if 0 < level <= 6 and line[level : level + 1] == " ":
+            out.append(f"<h{level}>{_inline(line[level + 1 :])}</h{level}>")
+        elif image:
+            out.append(f"<p><img src='{html.escape(image[2])}' alt='{html.escape(image[1])}'></p>")
+        else:
+            out.append(f"<p>{_inline(line)}</p>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from megafusion.demo.shapes import COLORS, POSITIONS, SHAPES, caption_for, draw_shape, parse_caption
@@ -97,8 +98,14 @@ def test_report_has_the_scores_and_a_loss_plot(tmp_path):
     assert "| score | llamafusion | transfusion |" in text
     assert "| generation color (n=20) | 0.900 | 0.700 |" in text
     assert "| text perplexity (base Llama 2.500000) | 2.500000 | 3.250000 |" in text
+    plot = np.asarray(Image.open(tmp_path / "report" / "losses.png").convert("RGB"))
+    assert plot.shape == (450, 800, 3) and "![training losses of every model](losses.png)" in text
     for name in ("llamafusion", "transfusion"):
-        assert Image.open(tmp_path / "report" / f"loss_{name}.png").size == (640, 360)
         assert f"../{name}/samples/images.png" in text
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<tr><td>generation color (n=20)</td><td>0.900</td><td>0.700</td></tr>" in page
+    assert "<img src='../llamafusion/samples/images.png'" in page and "<h2>Scores</h2>" in page
+    write_report(tmp_path, metrics, {"train": 12.0}, log_scale=True)  # 3/s .. 1/s on a log axis: another picture
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "report" / "losses.png").convert("RGB")), plot)
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert saved["stage_seconds"] == {"train": 12.0} and saved["transfusion"]["language"]["trained_perplexity"] == 3.25
