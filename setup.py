@@ -19,7 +19,6 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboard>=2.16",
     "matplotlib==3.11.2",  # report loss curves (issue 22)
-    "pyarrow==26.0.1",  # parquet image-caption inputs of tools/precompute_latents.py
 ]
 
 setup(
