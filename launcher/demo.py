@@ -438,9 +438,10 @@ def main(argv=None) -> int:
     names = ["llamafusion"] + ([] if args.no_baseline else ["transfusion"])
     plan = [("llamafusion", steps)] + ([] if args.no_edit else [("edit", edit_steps)])
     plan += [(n, steps) for n in names[1:]]
+    order = [n for n, _ in plan]
     for name in names:
         out = run / name
-        i = [n for n, _ in plan].index(name)
+        i = order.index(name)
         watch = TrainingWatch(f"train {name}", out / "train" / "metrics.jsonl", steps, _later_s(times, plan, i))
         times[f"train {name}"] = _stage(
             f"train {name}", train_command(run, name, args.config, args.nproc, args.tp, out / "train", extra), watch
@@ -464,7 +465,7 @@ def main(argv=None) -> int:
             ],
         )
         if name == "llamafusion" and edit_list is not None:
-            i = [n for n, _ in plan].index("edit")
+            i = order.index("edit")
             metrics_file = run / "llamafusion_edit" / "train" / "metrics.jsonl"
             watch = TrainingWatch("train edit", metrics_file, edit_steps, _later_s(times, plan, i))
             _edit_stages(run, args, img.image_size, times, edit_list, watch)

@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from megafusion.data.latent_cache import CacheOptions, encode_images, load_vae, preprocess
+    from megafusion.data.latent_cache import CacheOptions, decode_latents, encode_images, load_vae, preprocess
     from megafusion.inference.generate import caption, generate_images, generate_text
     from megafusion.inference.load import load_for_inference
     from megafusion.parallel.placement import PlacementError
@@ -259,9 +259,7 @@ def main(argv=None) -> int:
                 progress=rank0,
                 prediction=loaded.prediction,
             )
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            with torch.no_grad():
-                pix = vae.decode((lat / vae.config.scaling_factor + shift).to(dev, vae.dtype)).sample.float().cpu()
+            pix = decode_latents(vae, lat)
             for p, ids_p, x in zip(chunk, ids, pix):
                 pils.append(_to_pil(x))
                 k = len(pils) - 1
@@ -324,11 +322,8 @@ def main(argv=None) -> int:
                 num_train_timesteps=loaded.num_train_timesteps,
                 prediction=loaded.prediction,
             )
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            with torch.no_grad():
-                pix = vae.decode((out_lat / vae.config.scaling_factor + shift).to(dev, vae.dtype)).sample.float()
             sources += [im.resize((img_cfg.image_size, img_cfg.image_size)) for im in pics]
-            edited += [_to_pil(x) for x in pix.cpu()]
+            edited += [_to_pil(x) for x in decode_latents(vae, out_lat)]
         for k, e in enumerate(edits):
             record["edits"].append({**e, "file": f"edit_{k:03d}.png", "index": k})
         if rank0:

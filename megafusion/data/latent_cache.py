@@ -208,6 +208,13 @@ def encode_images(vae, x: torch.Tensor, opts: CacheOptions, seeds: list[int] | N
     return (z.float() - shift) * vae.config.scaling_factor
 
 
+@torch.no_grad()
+def decode_latents(vae, lat: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`encode_images`: scaled latents [n, C, h, w] -> pixels [n, 3, R, R] (float, CPU)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return vae.decode((lat / vae.config.scaling_factor + shift).to(vae.device, vae.dtype)).sample.float().cpu()
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)

@@ -150,7 +150,7 @@ def test_a_random_image_tower_edits_at_chance(data, tmp_path):
 
     from megafusion.api import LlamaFusion
     from megafusion.config import load_config
-    from megafusion.data.latent_cache import CacheOptions, encode_images, load_vae, preprocess
+    from megafusion.data.latent_cache import CacheOptions, decode_latents, encode_images, load_vae, preprocess
     from megafusion.demo.evaluation import edit_scores
     from megafusion.demo.shape_edits import edits, instruction_for
     from megafusion.demo.shapes import draw_shape
@@ -175,8 +175,7 @@ def test_a_random_image_tower_edits_at_chance(data, tmp_path):
         text_guidance=2.0,
         generator=torch.Generator().manual_seed(0),
     )
-    with torch.no_grad():
-        pix = vae.decode(out / vae.config.scaling_factor).sample.float()
+    pix = decode_latents(vae, out)
     recs = []
     for k, ((src, _, _), x) in enumerate(zip(held, pix, strict=True)):
         arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
