@@ -19,6 +19,9 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboard>=2.16",
     "matplotlib==3.11.2",  # report loss curves (issue 22)
+    "pyarrow==26.0.1",  # parquet inputs of tools/precompute_latents.py
+    "torchmetrics==1.9.0",  # FID statistics, CLIP score (megafusion/metrics)
+    "pycocoevalcap==1.2",  # CIDEr, BLEU-4, ROUGE-L, METEOR (Java) of captions
 ]
 
 setup(

@@ -57,6 +57,14 @@ class ImageConfig:
     position_embedding: str = "none"
     """'sincos' adds a fixed 2-D sine-cosine embedding of each token's row and column (as DiT and
     BAGEL do for latent patches); 'none' leaves position to the 1-D RoPE of the sequence alone."""
+    buckets: str = ""
+    """Aspect-ratio buckets: pixel sizes ``HxW`` separated by commas (``"256x256,224x288,288x224"``), each
+    divisible by vae_downsample x patch_size, at about the token count of ``image_size``
+    (``megafusion/config/buckets.py``; ``tools/precompute_latents.py --resize bucket`` fits each image to
+    the nearest). '' = square ``image_size`` images only. The loader packs images of any listed shape."""
+    vae: str = ""
+    """Local diffusers AutoencoderKL directory the latents come from. When set, latent_channels and
+    vae_downsample are read from its config.json; a config that sets either to another value is an error."""
 
     @property
     def latent_size(self) -> int:
